@@ -1,0 +1,27 @@
+"""Fitting methods; :func:`fit` dispatches by name. Every method returns a :class:`Steering` and leaves
+the model exactly as it found it."""
+
+from __future__ import annotations
+
+from ..errors import SteeringError
+from .act import fit_mean_act
+from .lineas import DEFAULTS as LINEAS_DEFAULTS
+from .lineas import fit_lineas
+
+METHODS = {"lineas": fit_lineas, "mean_act": fit_mean_act}
+
+
+def fit(model, tok, source, target, method: str = "lineas", **kwargs):
+    """Fit a steering from unpaired ``source`` → ``target`` prompt sets.
+
+    Args:
+        model, tok: a transformers causal LM and its tokenizer.
+        source, target: lists of prompts (at least 2 each), e.g. 32 toxic and 32 non-toxic sentences.
+        method: ``"lineas"`` (end-to-end, default) or ``"mean_act"``.
+        **kwargs: method options. LinEAS: ``sites`` (preset/regex/list), ``pooling`` (mean|last|tokens),
+            ``steps``, ``lr``, ``l1``, ``group_l2`` (sparse group lasso), ``batch_size``, ``normalize``
+            (None|"var"), ``optimizer`` (adam|sgd), ``max_length``, ``seed``, ``progress``.
+    """
+    if method not in METHODS:
+        raise SteeringError(f"method={method!r}: available methods are {sorted(METHODS)}")
+    return METHODS[method](model, tok, source, target, **kwargs)

@@ -1,0 +1,131 @@
+"""LinEAS: all sites trained jointly, end to end, with one global Wasserstein loss (SPEC §2).
+
+Each step runs the source prompts through the model with every current map applied (so downstream
+sites see upstream steering), pools each steered site, and compares the ``[n, Σd]`` matrix to the
+precomputed, pre-sorted target activations with one batched sort. The forward stops after the last
+site. Adam (or SGD) updates (ω, b); a proximal sparse-group-lasso step then selects neurons and sites.
+The model is left exactly as found: hooks are removed and ``requires_grad`` flags restored.
+"""
+
+from __future__ import annotations
+
+import time
+
+import torch
+from tqdm.auto import tqdm
+
+from ..collect import POOLINGS, collect, encode, model_device, pool, run_to_sites, tap
+from ..errors import SteeringError
+from ..losses import column_weights, wasserstein_loss
+from ..sites import resolve_sites, site_widths
+from ..steering import Steering
+from .common import check_prompt_sets, model_meta
+from .prox import prox_sparse_group, step_sizes
+
+DEFAULTS = dict(sites="norms", pooling="mean", steps=100, lr=3e-3, l1=0.0, group_l2=0.0, batch_size=32,
+                normalize=None, optimizer="adam", max_length=64, seed=0)
+
+
+class _FrozenModel:
+    """Context: model params stop requiring grad (no wasted weight grads); flags restored after."""
+
+    def __init__(self, model):
+        self.model = model
+
+    def __enter__(self):
+        self.flags = [(p, p.requires_grad) for p in self.model.parameters()]
+        self.training = self.model.training
+        for p, _ in self.flags:
+            p.requires_grad_(False)
+        self.model.eval()
+
+    def __exit__(self, *exc):
+        for p, flag in self.flags:
+            p.requires_grad_(flag)
+        self.model.train(self.training)
+
+
+def fit_lineas(model, tok, source, target, *, sites=DEFAULTS["sites"], pooling=DEFAULTS["pooling"],
+               steps=DEFAULTS["steps"], lr=DEFAULTS["lr"], l1=DEFAULTS["l1"], group_l2=DEFAULTS["group_l2"],
+               batch_size=DEFAULTS["batch_size"], normalize=DEFAULTS["normalize"],
+               optimizer=DEFAULTS["optimizer"], max_length=DEFAULTS["max_length"], seed=DEFAULTS["seed"],
+               progress: bool = True) -> Steering:
+    """Fit LinEAS maps; see :func:`lineas_fast.fit` for the arguments."""
+    source, target = check_prompt_sets(source, target)
+    if pooling not in POOLINGS:
+        raise SteeringError(f"pooling={pooling!r}: expected one of {POOLINGS}")
+    if optimizer not in ("adam", "sgd"):
+        raise SteeringError(f"optimizer={optimizer!r}: expected 'adam' or 'sgd'")
+    if normalize not in (None, "none", "var"):
+        raise SteeringError(f"normalize={normalize!r}: expected None or 'var'")
+    if steps < 0 or lr <= 0 or l1 < 0 or group_l2 < 0 or batch_size < 2:
+        raise SteeringError(f"need steps >= 0, lr > 0, l1 >= 0, group_l2 >= 0, batch_size >= 2 "
+                            f"(got {steps}, {lr}, {l1}, {group_l2}, {batch_size})")
+    site_list = resolve_sites(model, sites)
+    widths = site_widths(model, site_list)
+    offsets, slices = 0, {}
+    for s in site_list:
+        slices[s] = slice(offsets, offsets + widths[s])
+        offsets += widths[s]
+    device = model_device(model)
+    t0 = time.perf_counter()
+
+    # 1. targets, unsteered, once; sorted once.
+    v = collect(model, tok, target, site_list, pooling=pooling, max_length=max_length)
+    v = torch.cat([v[s] for s in site_list], dim=1).to(device)
+    v_sorted = torch.sort(v, dim=0).values
+    weights = column_weights(v, normalize)
+
+    # 2. identity init; flat parameter vectors, one slice per site.
+    gen = torch.Generator().manual_seed(seed)
+    omega = torch.ones(offsets, device=device, requires_grad=True)
+    shift = torch.zeros(offsets, device=device, requires_grad=True)
+    opt = (torch.optim.Adam if optimizer == "adam" else torch.optim.SGD)([omega, shift], lr=lr)
+    src_ids, src_mask = encode(tok, source, max_length, device)
+    n = len(source)
+    history = {"loss": [], "nnz": [], "active_sites": []}
+    pooled: dict[str, torch.Tensor] = {}
+    box = {}
+
+    def steer_and_pool(spec, h):
+        sl = slices[spec]
+        out = (h.float() * omega[sl] + shift[sl])
+        pooled[spec] = pool(out, box["mask"], pooling)
+        return out.to(h.dtype)
+
+    bar = tqdm(range(steps), desc="LinEAS", disable=not progress)
+    with _FrozenModel(model), tap(model, site_list, steer_and_pool) as seen:
+        for _ in bar:
+            idx = torch.randperm(n, generator=gen)[:batch_size] if batch_size < n else torch.arange(n)
+            ids, mask = src_ids[idx.to(device)], src_mask[idx.to(device)]
+            box["mask"] = mask
+            run_to_sites(model, ids, mask, seen)
+            z = torch.cat([pooled[s] for s in site_list], dim=1)
+            if not torch.isfinite(z).all():
+                bad = next(s for s in site_list if not torch.isfinite(pooled[s]).all())
+                raise SteeringError(f"site {bad!r}: NaN or inf in steered activations during fit "
+                                    f"(lower lr={lr} or check the model)")
+            loss = wasserstein_loss(z, v_sorted, weights)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            gw, gb = step_sizes(opt, omega), step_sizes(opt, shift)
+            prox_sparse_group(omega.data, shift.data, gw, gb, l1, group_l2, list(slices.values()))
+            with torch.no_grad():
+                off = (omega != 1).int() + (shift != 0).int()
+                nnz = int(off.sum())
+                active = sum(int(off[sl].any()) for sl in slices.values())
+            history["loss"].append(float(loss))
+            history["nnz"].append(nnz)
+            history["active_sites"].append(active)
+            bar.set_postfix(loss=f"{float(loss):.4g}", nnz=nnz, sites=active)
+    fit_seconds = time.perf_counter() - t0
+
+    scale = {s: omega.detach()[slices[s]].cpu() for s in site_list}
+    shift_d = {s: shift.detach()[slices[s]].cpu() for s in site_list}
+    hyper = dict(sites=sites if isinstance(sites, str) else list(sites), pooling=pooling, steps=steps, lr=lr,
+                 l1=l1, group_l2=group_l2, batch_size=batch_size, normalize=normalize, optimizer=optimizer,
+                 max_length=max_length, seed=seed, n_source=len(source), n_target=len(target))
+    meta = {"method": "lineas", **model_meta(model), "hyperparams": hyper,
+            "train": {**history, "fit_seconds": round(fit_seconds, 3)}}
+    return Steering(scale, shift_d, meta)

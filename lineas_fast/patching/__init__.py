@@ -1,0 +1,112 @@
+"""Applying steerings to a model instance: ``steer_`` (hooks | fold | fused), ``steered``, ``bake``.
+
+Everything is validated before the model is touched; another instance of the same class is never
+affected (hooks and folds are per instance).
+"""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+
+import torch
+
+from ..errors import SteeringError
+from ..steering import Steering
+from .fold import bake_plan_flags, fold_into, plan_fold
+from .handle import ATTR, SteerHandle
+
+MODES = ("fused", "hooks", "fold")
+
+
+def _normalise(steering) -> dict[str, Steering]:
+    if isinstance(steering, Steering):
+        return {"default": steering}
+    if isinstance(steering, dict) and steering and all(isinstance(k, str) for k in steering):
+        bad = [k for k, v in steering.items() if not isinstance(v, Steering)]
+        if bad:
+            raise SteeringError(f"steering dict entries {bad} are not Steering objects")
+        return dict(steering)
+    raise SteeringError(f"expected a Steering or a non-empty {{name: Steering}} dict, got {type(steering).__name__}")
+
+
+def fused_available(model, steerings: dict) -> str | None:
+    """None if the fused runtime covers these sites, else why not."""
+    return "the fused runtime (Triton/CUDA/C++ kernels) is not part of this build yet"
+
+
+def steer_(model, steering, strength=1.0, mode: str | None = None) -> SteerHandle:
+    """Patch ``model`` in place with one steering, or several by name for per-row routing.
+
+    Args:
+        steering: a :class:`Steering` or ``{name: Steering}`` (rows start unsteered; use ``route``).
+        strength: float, or a tensor ``[batch]`` of per-row strengths (single steering).
+        mode: ``"fused"`` (kernels), ``"hooks"`` (reference) or ``"fold"`` (weights, fixed strength);
+            None picks ``fused`` where it covers the sites, else ``hooks``.
+    Returns:
+        a :class:`SteerHandle` (``set_strength``, ``route``, ``remove``; also a context manager).
+    """
+    steerings = _normalise(steering)
+    if getattr(model, ATTR, None) is not None:
+        raise SteeringError("model is already steered: remove() the existing handle first")
+    if mode is None:
+        mode = "fused" if fused_available(model, steerings) is None else "hooks"
+    if mode not in MODES:
+        raise SteeringError(f"mode={mode!r}: expected one of {MODES}")
+    if mode == "fused":
+        why = fused_available(model, steerings)
+        if why:
+            raise SteeringError(f"mode='fused' is unavailable: {why}; use mode='hooks' or mode='fold'")
+    if mode == "fold" and len(steerings) > 1:
+        raise SteeringError("mode='fold' applies one steering at a fixed strength: use mode='hooks' to route several")
+    for name, st in steerings.items():
+        try:
+            st.check_model(model)
+        except SteeringError as e:
+            raise SteeringError(f"steering {name!r}: {e}") if len(steerings) > 1 else e from None
+    if mode == "fold" and torch.as_tensor(strength).numel() != 1:
+        raise SteeringError("mode='fold' has one fixed strength: per-row strengths need mode='hooks'")
+    return SteerHandle(model, steerings, mode, strength)
+
+
+@contextmanager
+def steered(model, steering, strength=1.0, mode: str | None = None):
+    """``with steered(model, st): ...`` — steer for the block, restore exactly on exit (even on error)."""
+    handle = steer_(model, steering, strength=strength, mode=mode)
+    try:
+        yield handle
+    finally:
+        handle.remove()
+
+
+def bake(model, steering: Steering, strength: float = 1.0):
+    """Fold a steering into the weights for good, so ``model.save_pretrained()`` writes a plain HF
+    checkpoint that stock transformers reloads with the steered outputs.
+
+    RMSNorm shifts need biases on the consuming Linear layers: the config flag that gives them one
+    (e.g. ``attention_bias``/``mlp_bias``) is set and every Linear it governs gets an explicit (zero)
+    bias. Refuses, naming the sites and leaving the model untouched, where no flag can express it.
+    Returns the model.
+    """
+    if not isinstance(steering, Steering):
+        raise SteeringError(f"bake() takes one Steering, got {type(steering).__name__}")
+    if getattr(model, ATTR, None) is not None:
+        raise SteeringError("model is currently steered: remove() the handle before baking")
+    steering.check_model(model)
+    lam = float(strength)
+    coeffs = {s: (1 - lam + lam * steering.scale[s], lam * steering.shift[s]) for s in steering.sites}
+    steps = plan_fold(model, steering.sites, {s: bool(c.any()) for s, (_, c) in coeffs.items()})
+    flags = bake_plan_flags(model, steps, coeffs)
+    from ..sites import decoder_blocks
+
+    prefix, blocks = decoder_blocks(model)
+    with torch.no_grad():
+        for flag, group in flags.items():
+            setattr(model.config, flag, True)
+            for i in range(len(blocks)):
+                for rel in group:
+                    lin = model.get_submodule(f"{prefix}.{i}.{rel}")
+                    if lin.bias is None:
+                        w = lin.weight
+                        lin.bias = torch.nn.Parameter(w.new_zeros(w.shape[0]))
+    fold_into(model, steering.sites, steering.scale, steering.shift, lam)
+    return model

@@ -1,0 +1,201 @@
+"""The ``fold`` apply mode and ``bake``: steering folded exactly into weights (SPEC §4).
+
+With a = 1−λ+λω and c = λb per site:
+
+* LayerNorm output:  γ' = a⊙γ, β' = a⊙β + c.
+* RMSNorm output:    γ' = a⊙γ (Gemma's ``(1+γ)`` form: 1+γ' = a⊙(1+γ)); the shift c goes into the
+  biases of the Linear layers consuming the norm (bias += W c). A norm feeding the residual stream
+  (no consumers in :mod:`lineas_fast.sites` data, e.g. Gemma post-norms) cannot absorb a shift.
+* Linear output:     W'[j,:] = a_j W[j,:], bias' = a⊙bias + c  (also for sites that are the output of
+  one Linear, e.g. ``mlp`` → ``mlp.down_proj``).
+* Linear input (``:in``): W' = W·diag(a), bias' = bias + W c.
+
+Sites are folded in reverse model order, each using the weights as already modified downstream, which
+makes stacked folds on one Linear (input site + output site + a norm shift) compose exactly. Every
+touched parameter's original is kept, so unfold restores bit-exactly (nothing is divided back).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from ..errors import SteeringError
+from ..sites import Site, decoder_blocks, family
+
+
+@dataclass
+class FoldStep:
+    site: str
+    kind: str               # "layernorm" | "rmsnorm" | "linear_out" | "linear_in"
+    module: str             # the module whose parameters change
+    consumers: tuple = ()   # rmsnorm: Linear modules absorbing the shift
+    offset: float = 0.0     # rmsnorm: Gemma's (1 + weight)
+
+
+def _is_linear(m: nn.Module) -> bool:
+    return isinstance(m, nn.Linear) or type(m).__name__ == "Conv1D"
+
+
+def _split_block(model, module_name: str) -> tuple[str, str]:
+    """``model.layers.3.mlp`` → (``model.layers.3.``, ``mlp``); ('', name) outside the blocks."""
+    try:
+        prefix, blocks = decoder_blocks(model)
+    except SteeringError:
+        return "", module_name
+    for i in range(len(blocks)):
+        p = f"{prefix}.{i}."
+        if module_name.startswith(p):
+            return p, module_name[len(p):]
+    return "", module_name
+
+
+def plan_fold(model, sites: list[str], shift_nonzero: dict[str, bool]) -> list[FoldStep]:
+    """Decide how each site folds; refuse (naming every unfoldable site) before anything changes."""
+    fam = family(model)
+    steps, refused = [], []
+    for spec in sites:
+        site = Site.parse(spec)
+        module = model.get_submodule(site.module)
+        cls = type(module).__name__
+        prefix, rel = _split_block(model, site.module)
+        rel_spec = rel + spec[len(site.module):]
+        if not site.is_input and site.index is None and "norm" in cls.lower() and getattr(module, "weight", None) is not None:
+            if "rms" in cls.lower():
+                consumers = tuple(prefix + c for c in (fam.consumers.get(rel, ()) if fam else ()))
+                if shift_nonzero[spec] and not consumers:
+                    refused.append(f"{spec} (RMSNorm output feeding the residual stream: no bias can absorb its shift)")
+                    continue
+                steps.append(FoldStep(spec, "rmsnorm", site.module, consumers, fam.norm_offset if fam else 0.0))
+            else:
+                steps.append(FoldStep(spec, "layernorm", site.module))
+        elif _is_linear(module) and site.index is None:
+            steps.append(FoldStep(spec, "linear_in" if site.is_input else "linear_out", site.module))
+        elif fam and rel_spec in fam.linear_alias:
+            steps.append(FoldStep(spec, "linear_out", prefix + fam.linear_alias[rel_spec]))
+        else:
+            refused.append(f"{spec} ({cls} is not a norm or Linear layer)")
+    if refused:
+        raise SteeringError("cannot fold these sites (use mode='hooks'): " + "; ".join(refused))
+    return steps
+
+
+class WeightEditor:
+    """Applies fold steps, remembering every original parameter (and created biases) for exact restore."""
+
+    def __init__(self, model):
+        self.model = model
+        self.saved: dict[tuple[str, str], torch.Tensor | None] = {}
+
+    def _param(self, module_name: str, attr: str, like: torch.Tensor | None = None) -> torch.Tensor:
+        module = self.model.get_submodule(module_name)
+        p = getattr(module, attr)
+        key = (module_name, attr)
+        if key not in self.saved:
+            self.saved[key] = None if p is None else p.detach().clone()
+        if p is None:
+            p = nn.Parameter(torch.zeros_like(like), requires_grad=False)
+            setattr(module, attr, p)
+        return p.data
+
+    def add_bias(self, module_name: str, delta: torch.Tensor) -> None:
+        module = self.model.get_submodule(module_name)
+        w = module.weight.data
+        out_dim = w.shape[1] if type(module).__name__ == "Conv1D" else w.shape[0]
+        bias = self._param(module_name, "bias", like=w.new_zeros(out_dim))
+        bias.add_(delta.to(bias.dtype))
+
+    def linear_shift(self, module_name: str, c: torch.Tensor) -> torch.Tensor:
+        """W c for an input shift c (in the module's input space) — the bias it induces."""
+        module = self.model.get_submodule(module_name)
+        w = module.weight.data.float()
+        return (c @ w) if type(module).__name__ == "Conv1D" else (w @ c)
+
+    def apply(self, step: FoldStep, a: torch.Tensor, c: torch.Tensor) -> None:
+        module = self.model.get_submodule(step.module)
+        dev = module.weight.device
+        a, c = a.to(dev), c.to(dev)
+        if step.kind == "layernorm":
+            w = self._param(step.module, "weight")
+            w.copy_((a * w.float()).to(w.dtype))
+            if module.bias is not None or bool(c.any()):
+                b = self._param(step.module, "bias", like=w)
+                b.copy_((a * b.float() + c).to(b.dtype))
+        elif step.kind == "rmsnorm":
+            w = self._param(step.module, "weight")
+            w.copy_((a * (w.float() + step.offset) - step.offset).to(w.dtype))
+            if bool(c.any()):
+                for name in step.consumers:
+                    self.add_bias(name, self.linear_shift(name, c))
+        elif step.kind == "linear_out":
+            conv = type(module).__name__ == "Conv1D"
+            w = self._param(step.module, "weight")
+            w.copy_((w.float() * (a[None, :] if conv else a[:, None])).to(w.dtype))
+            if module.bias is not None or bool(c.any()):
+                b = self._param(step.module, "bias", like=w.new_zeros(a.numel()))
+                b.copy_((a * b.float() + c).to(b.dtype))
+        elif step.kind == "linear_in":
+            conv = type(module).__name__ == "Conv1D"
+            if bool(c.any()):
+                self.add_bias(step.module, self.linear_shift(step.module, c))
+            w = self._param(step.module, "weight")
+            w.copy_((w.float() * (a[:, None] if conv else a[None, :])).to(w.dtype))
+
+    def restore(self) -> None:
+        """Put every original back (bit-exact); created parameters are removed."""
+        for (module_name, attr), orig in self.saved.items():
+            module = self.model.get_submodule(module_name)
+            if orig is None:
+                setattr(module, attr, None)
+            else:
+                getattr(module, attr).data.copy_(orig)
+        self.saved.clear()
+
+
+def fold_into(model, steering_sites: list[str], scale: dict, shift: dict, strength: float) -> WeightEditor:
+    """Fold one steering at a fixed strength; returns the editor that can restore the originals."""
+    lam = float(strength)
+    coeffs = {s: (1 - lam + lam * scale[s], lam * shift[s]) for s in steering_sites}
+    steps = plan_fold(model, steering_sites, {s: bool(coeffs[s][1].any()) for s in steering_sites})
+    editor = WeightEditor(model)
+    with torch.no_grad():
+        for step in reversed(steps):
+            editor.apply(step, *coeffs[step.site])
+    return editor
+
+
+def bake_plan_flags(model, steps: list[FoldStep], coeffs: dict) -> dict[str, tuple[str, ...]]:
+    """Config flags ``bake`` must set so a stock checkpoint has every bias the fold creates.
+
+    Refuses (naming the sites) when a created bias has no config flag in this architecture.
+    """
+    fam = family(model)
+    need: dict[str, str] = {}   # Linear module -> site that needs its bias
+    for step in steps:
+        c = coeffs[step.site][1]
+        if not bool(c.any()):
+            continue
+        if step.kind == "rmsnorm":
+            targets = step.consumers
+        elif step.kind in ("linear_out", "linear_in"):
+            targets = (step.module,)
+        else:  # layernorm
+            if model.get_submodule(step.module).bias is None:
+                raise SteeringError(f"cannot bake site {step.site!r}: its LayerNorm has no bias in this architecture")
+            continue
+        for t in targets:
+            if model.get_submodule(t).bias is None:
+                need[t] = step.site
+    flags, refused = {}, []
+    for module_name, site in need.items():
+        _, rel = _split_block(model, module_name)
+        flag = next((f for f, group in (fam.bias_flags if fam else {}).items() if rel in group), None)
+        if flag is None:
+            refused.append(f"{site} (needs a bias on {rel}, which {getattr(model.config, 'model_type', '?')} checkpoints cannot hold)")
+        else:
+            flags[flag] = fam.bias_flags[flag]
+    if refused:
+        raise SteeringError("cannot bake into a stock checkpoint: " + "; ".join(sorted(set(refused))))
+    return flags

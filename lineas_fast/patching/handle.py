@@ -1,0 +1,131 @@
+"""SteerHandle: what ``steer_`` returns — change strength or routing, or remove the steering."""
+
+from __future__ import annotations
+
+import torch
+
+from ..errors import SteeringError
+from .fold import fold_into
+from .hooks import install_hooks
+from .tables import SteeringTables
+
+ATTR = "_lineas_fast_handle"  # set on a patched model instance; patching twice raises
+
+
+class SteerHandle:
+    """A live steering patch on one model instance.
+
+    ``set_strength``/``route`` only rewrite routing state (never re-patch); ``remove`` restores the model
+    bit-exactly (outputs and ``state_dict``).
+    """
+
+    def __init__(self, model, steerings: dict, mode: str, strength):
+        self.model, self.steerings, self.mode = model, steerings, mode
+        self.names = list(steerings)
+        self.sites = list(dict.fromkeys(s for st in steerings.values() for s in st.sites))
+        self._hooks, self._editor, self._strength = [], None, None
+        if mode == "hooks":
+            devices = {s: _site_device(model, s) for s in self.sites}
+            self.tables = SteeringTables(steerings, self.sites, devices)
+            self._set_initial(strength)
+            self._hooks = install_hooks(model, self.sites, self.tables)
+        else:  # fold: one steering at one fixed strength
+            st = steerings[self.names[0]]
+            self._strength = float(strength)
+            self._editor = fold_into(model, st.sites, st.scale, st.shift, self._strength)
+        setattr(model, ATTR, self)
+
+    # ------------------------------------------------------------ strength and routing
+    def _set_initial(self, strength) -> None:
+        if len(self.names) == 1:
+            self._apply_strength(strength)
+        else:  # several steerings: rows stay unsteered until route() names them
+            self.tables.set_rows(torch.full((1,), -1), torch.zeros(1))
+
+    def _apply_strength(self, strength) -> None:
+        s = _as_strength(strength)
+        ids = self.tables.ids
+        if s.numel() > 1:
+            if ids.numel() not in (1, s.numel()):
+                raise SteeringError(f"strength has {s.numel()} rows but route() was given {ids.numel()}")
+            ids = ids.expand(s.numel()).clone() if ids.numel() == 1 else ids
+        elif ids.numel() > 1:
+            s = s.expand(ids.numel()).clone()
+        self.tables.set_rows(ids, s)
+
+    def set_strength(self, strength) -> None:
+        """A float (every row) or a tensor ``[batch]`` (per row). Routing names are kept."""
+        self._check_live()
+        if self.mode == "fold":
+            s = _as_strength(strength)
+            if s.numel() != 1:
+                raise SteeringError("mode='fold' has one fixed strength: per-row strengths need mode='hooks'")
+            self._editor.restore()  # refold from the saved originals (never divide back)
+            st = self.steerings[self.names[0]]
+            self._editor = fold_into(self.model, st.sites, st.scale, st.shift, float(s))
+            self._strength = float(s)
+            return
+        self._apply_strength(strength)
+
+    def route(self, names, strength=1.0) -> None:
+        """Per input row: a steering name (or None = unsteered) and a strength (float or list/tensor)."""
+        self._check_live()
+        if self.mode == "fold":
+            raise SteeringError("route() needs per-row steering: use mode='hooks'")
+        if isinstance(names, str) or not isinstance(names, (list, tuple)) or not names:
+            raise SteeringError(f"route(names=...): expected a non-empty list of names or None, got {names!r}")
+        unknown = [n for n in names if n is not None and n not in self.names]
+        if unknown:
+            raise SteeringError(f"route(): steering name(s) {unknown} not loaded (loaded: {self.names})")
+        s = _as_strength(strength)
+        if s.numel() not in (1, len(names)):
+            raise SteeringError(f"route(): {len(names)} names but {s.numel()} strengths")
+        ids = torch.tensor([-1 if n is None else self.names.index(n) for n in names])
+        self.tables.set_rows(ids, s.expand(len(names)).clone())
+
+    @property
+    def strength(self):
+        return self._strength if self.mode == "fold" else self.tables.strength.clone()
+
+    # ------------------------------------------------------------ removal
+    def remove(self) -> None:
+        """Undo the patch: hooks removed / originals copied back; the model is as before ``steer_``."""
+        if getattr(self.model, ATTR, None) is not self:
+            return
+        for h in self._hooks:
+            h.remove()
+        self._hooks = []
+        if self._editor is not None:
+            self._editor.restore()
+            self._editor = None
+        delattr(self.model, ATTR)
+
+    def _check_live(self) -> None:
+        if getattr(self.model, ATTR, None) is not self:
+            raise SteeringError("this steering handle was removed")
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.remove()
+
+    def __repr__(self) -> str:
+        return f"SteerHandle(mode={self.mode!r}, steerings={self.names}, sites={len(self.sites)})"
+
+
+def _as_strength(strength) -> torch.Tensor:
+    s = torch.as_tensor(strength, dtype=torch.float32).detach().cpu().reshape(-1)
+    if s.numel() == 0 or not torch.isfinite(s).all():
+        raise SteeringError(f"strength must be finite and non-empty, got {strength!r}")
+    return s
+
+
+def _site_device(model, site: str):
+    from ..sites import Site
+
+    module = model.get_submodule(Site.parse(site).module)
+    p = next(module.parameters(), None)
+    if p is None:
+        p = next(model.parameters())
+    return p.device

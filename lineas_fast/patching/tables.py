@@ -1,0 +1,62 @@
+"""Steering tables: the per-site (ω, b) of every loaded steering, plus per-row routing state.
+
+Rows of a batch carry a steering id (-1 = unsteered) and a strength. For row r at a site,
+``a = 1 + s_r(ω[id_r] − 1)`` and ``c = s_r·b[id_r]``, and ``h ← a⊙h + c`` in fp32 (SPEC §2 strength).
+A routing table with R rows serves any batch of R·k rows (``generate`` expanding each input row into
+k beams / return sequences): expanded row i inherits row ``i // k``.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ..errors import SteeringError
+
+
+class SteeringTables:
+    """Stacked ``[K, d]`` scale/shift per site for K named steerings, and the routing state."""
+
+    def __init__(self, steerings: dict, sites: list[str], device_of: dict[str, torch.device]):
+        self.names = list(steerings)
+        self.scale, self.shift = {}, {}
+        for site in sites:
+            d = next(st.meta["widths"][site] for st in steerings.values() if site in st.scale)
+            w = torch.ones(len(self.names), d)
+            b = torch.zeros(len(self.names), d)
+            for k, st in enumerate(steerings.values()):
+                if site in st.scale:
+                    w[k], b[k] = st.scale[site], st.shift[site]
+            self.scale[site] = w.to(device_of[site])
+            self.shift[site] = b.to(device_of[site])
+        # routing: R rows (R = 1 broadcasts to any batch).
+        self.ids = torch.zeros(1, dtype=torch.long)
+        self.strength = torch.ones(1)
+
+    def set_rows(self, ids: torch.Tensor, strength: torch.Tensor) -> None:
+        self.ids, self.strength = ids.long().cpu(), strength.float().cpu()
+        self._cache = {}
+
+    def coefficients(self, site: str, batch: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(a, c)`` of shape ``[batch or 1, d]`` for one site."""
+        rows = self.ids.numel()
+        if rows != 1 and rows != batch:
+            if batch % rows:
+                raise SteeringError(f"batch of {batch} rows does not match the {rows} rows given to "
+                                    f"route()/set_strength() (nor a multiple of it)")
+        cache = self.__dict__.setdefault("_cache", {})
+        key = (site, batch if rows != 1 else 1)
+        if key not in cache:
+            w, b = self.scale[site], self.shift[site]
+            ids, s = self.ids.to(w.device), self.strength.to(w.device)
+            if rows not in (1, batch):
+                ids, s = ids.repeat_interleave(batch // rows), s.repeat_interleave(batch // rows)
+            s = torch.where(ids < 0, torch.zeros_like(s), s)[:, None]
+            ids = ids.clamp(min=0)
+            cache[key] = (1 + s * (w[ids] - 1), s * b[ids])
+        return cache[key]
+
+    def apply(self, site: str, h: torch.Tensor) -> torch.Tensor:
+        """Steer a site tensor ``[B, ..., d]`` (fp32 math, result in h's dtype)."""
+        a, c = self.coefficients(site, h.shape[0])
+        shape = (a.shape[0],) + (1,) * (h.ndim - 2) + (a.shape[1],)
+        return (h.float() * a.view(shape) + c.view(shape)).to(h.dtype)

@@ -1,0 +1,241 @@
+"""Sites: which module outputs (or inputs) a steering transforms, and how presets resolve.
+
+A *site* is a module name, optionally suffixed ``":k"`` (element ``k`` of a tuple output, e.g. an
+attention module returning ``(hidden, weights)``) or ``":in"`` (the module's first positional input,
+e.g. the MLP hidden neurons entering ``down_proj``).
+
+Per-architecture knowledge is data (:data:`FAMILIES`), not code: which block children are norms,
+which are Gemma-style post-norms, where the MLP / attention outputs and the MLP hidden neurons are,
+which Linear layers consume each norm (needed to fold an RMSNorm shift into biases), and which config
+flags give those Linear layers a bias in a stock checkpoint (needed by ``bake``).
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from .errors import SteeringError
+
+_LLAMA_CONSUMERS = {
+    "input_layernorm": ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),
+    "post_attention_layernorm": ("mlp.gate_proj", "mlp.up_proj"),
+}
+# config flag -> the Linear layers (relative to a block) that get a bias when the flag is set.
+_ATTN_BIAS = {"attention_bias": ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj")}
+_MLP_BIAS = {"mlp_bias": ("mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")}
+
+
+@dataclass(frozen=True)
+class Family:
+    """What lineas_fast needs to know about one decoder-block architecture (names relative to a block)."""
+
+    norms: tuple[str, ...]
+    post_norms: tuple[str, ...] = ()
+    mlp_out: str = "mlp"
+    attn_out: str = "self_attn:0"
+    mlp_hidden: str = "mlp.down_proj:in"
+    # norm -> Linear layers reading its output (to fold an RMSNorm shift into their biases);
+    # a norm absent here feeds the residual stream and cannot absorb a shift.
+    consumers: dict = field(default_factory=dict)
+    # sites that are module outputs produced by one Linear layer: site -> that Linear (for fold).
+    linear_alias: dict = field(default_factory=dict)
+    # config flags that give Linear layers a bias in a stock checkpoint (for bake).
+    bias_flags: dict = field(default_factory=dict)
+    # Gemma-style RMSNorm computes x_hat * (1 + weight).
+    norm_offset: float = 0.0
+
+
+_LLAMA = Family(
+    norms=("input_layernorm", "post_attention_layernorm"),
+    consumers=_LLAMA_CONSUMERS,
+    linear_alias={"mlp": "mlp.down_proj", "self_attn:0": "self_attn.o_proj"},
+    bias_flags={**_ATTN_BIAS, **_MLP_BIAS},
+)
+_GEMMA = Family(
+    norms=("input_layernorm", "post_attention_layernorm", "pre_feedforward_layernorm", "post_feedforward_layernorm"),
+    post_norms=("post_attention_layernorm", "post_feedforward_layernorm"),
+    consumers={"input_layernorm": _LLAMA_CONSUMERS["input_layernorm"],
+               "pre_feedforward_layernorm": ("mlp.gate_proj", "mlp.up_proj")},
+    linear_alias={"mlp": "mlp.down_proj", "self_attn:0": "self_attn.o_proj"},
+    bias_flags=dict(_ATTN_BIAS),
+    norm_offset=1.0,
+)
+
+FAMILIES: dict[str, Family] = {
+    "gpt2": Family(
+        norms=("ln_1", "ln_2"), attn_out="attn:0", mlp_hidden="mlp.c_proj:in",
+        consumers={"ln_1": ("attn.c_attn",), "ln_2": ("mlp.c_fc",)},
+        linear_alias={"mlp": "mlp.c_proj", "attn:0": "attn.c_proj"},
+    ),
+    "llama": _LLAMA,
+    "mistral": Family(norms=_LLAMA.norms, consumers=_LLAMA_CONSUMERS, linear_alias=_LLAMA.linear_alias),
+    "qwen2": Family(norms=_LLAMA.norms, consumers=_LLAMA_CONSUMERS, linear_alias=_LLAMA.linear_alias),
+    "qwen3": Family(norms=_LLAMA.norms, consumers=_LLAMA_CONSUMERS, linear_alias=_LLAMA.linear_alias,
+                    bias_flags=dict(_ATTN_BIAS)),
+    "gemma2": _GEMMA,
+    "gemma3": _GEMMA,
+    "gemma3_text": _GEMMA,
+    "phi3": Family(
+        norms=_LLAMA.norms,
+        consumers={"input_layernorm": ("self_attn.qkv_proj",), "post_attention_layernorm": ("mlp.gate_up_proj",)},
+        linear_alias=_LLAMA.linear_alias,
+    ),
+}
+PRESETS = ("norms", "post_norms", "mlp_out", "attn_out", "mlp_hidden")
+
+
+@dataclass(frozen=True)
+class Site:
+    """A parsed site string: module name + what to transform (``out``, ``in`` or tuple element ``k``)."""
+
+    spec: str
+    module: str
+    index: int | None = None  # tuple element of the output
+    is_input: bool = False
+
+    @staticmethod
+    def parse(spec: str) -> "Site":
+        name, sep, suffix = spec.rpartition(":")
+        if not sep:
+            return Site(spec, spec)
+        if suffix == "in":
+            return Site(spec, name, is_input=True)
+        if suffix.isdigit():
+            return Site(spec, name, index=int(suffix))
+        raise SteeringError(f"site {spec!r}: suffix must be ':in' or ':<int>'")
+
+
+def family(model: nn.Module) -> Family | None:
+    """The :class:`Family` of a model, from ``config.model_type`` (None if unknown)."""
+    return FAMILIES.get(getattr(getattr(model, "config", None), "model_type", None))
+
+
+def decoder_blocks(model: nn.Module) -> tuple[str, nn.ModuleList]:
+    """The ModuleList of decoder blocks: the first one as long as the model's layer count."""
+    cfg = getattr(model, "config", None)
+    n = getattr(cfg, "num_hidden_layers", None) or getattr(cfg, "n_layer", None)
+    lists = [(name, m) for name, m in model.named_modules() if isinstance(m, nn.ModuleList) and len(m) > 0]
+    for name, m in lists:
+        if n is None or len(m) == n:
+            return name, m
+    raise SteeringError(f"{type(model).__name__}: cannot find its decoder blocks (a ModuleList of {n} layers)")
+
+
+def _generic_norms(block: nn.Module) -> tuple[str, ...]:
+    return tuple(n for n, m in block.named_children() if "norm" in type(m).__name__.lower())
+
+
+def _preset_relative(model: nn.Module, preset: str) -> tuple[str, ...]:
+    fam = family(model)
+    mtype = getattr(getattr(model, "config", None), "model_type", "?")
+    if preset == "norms":
+        return fam.norms if fam else _generic_norms(decoder_blocks(model)[1][0])
+    if fam is None:
+        raise SteeringError(f"sites={preset!r}: no preset data for model_type {mtype!r}; pass module names or a regex")
+    if preset == "post_norms":
+        if not fam.post_norms:
+            raise SteeringError(f"sites='post_norms': model_type {mtype!r} has no post-norms (Gemma-style)")
+        return fam.post_norms
+    return ({"mlp_out": fam.mlp_out, "attn_out": fam.attn_out, "mlp_hidden": fam.mlp_hidden}[preset],)
+
+
+def resolve_sites(model: nn.Module, sites) -> list[str]:
+    """Turn a preset, regex, site string or list of them into site strings, in model order.
+
+    Raises :class:`SteeringError` naming the site when a module does not exist or nothing matches.
+    """
+    if isinstance(sites, str):
+        if sites in PRESETS:
+            prefix, blocks = decoder_blocks(model)
+            rel = _preset_relative(model, sites)
+            out = [f"{prefix}.{i}.{r}" for i in range(len(blocks)) for r in rel]
+        else:
+            modules = dict(model.named_modules())
+            base = Site.parse(sites).module
+            if base in modules:
+                out = [sites]
+            else:
+                try:
+                    pattern = re.compile(sites)
+                except re.error as e:
+                    raise SteeringError(f"sites={sites!r}: not a module name, preset {PRESETS} or valid regex ({e})") from None
+                out = [n for n in modules if n and pattern.fullmatch(n)]
+                if not out:
+                    raise SteeringError(f"sites={sites!r}: no module matches (presets: {', '.join(PRESETS)})")
+    elif isinstance(sites, (list, tuple)) and sites and all(isinstance(s, str) for s in sites):
+        out = list(sites)
+    else:
+        raise SteeringError(f"sites={sites!r}: expected a preset {PRESETS}, a regex, or a non-empty list of names")
+    check_sites(model, out)
+    order = {n: i for i, (n, _) in enumerate(model.named_modules())}
+    out = sorted(dict.fromkeys(out), key=lambda s: (_block_index(s), order[Site.parse(s).module]))
+    return out
+
+
+def _block_index(spec: str) -> int:
+    m = re.search(r"\.(\d+)(\.|:|$)", spec)
+    return int(m.group(1)) if m else -1
+
+
+def check_sites(model: nn.Module, sites: list[str]) -> None:
+    """Every site names an existing module (else one clear error listing the missing ones)."""
+    modules = dict(model.named_modules())
+    missing = [s for s in sites if Site.parse(s).module not in modules]
+    if missing:
+        raise SteeringError(f"unknown site(s) for {type(model).__name__}: {missing[:5]}")
+
+
+def get_module(model: nn.Module, spec: str) -> nn.Module:
+    return model.get_submodule(Site.parse(spec).module)
+
+
+def pick(output, site: Site) -> torch.Tensor:
+    """The tensor a site transforms, out of a module output (tuple element ``k`` if asked)."""
+    if site.index is None:
+        if not torch.is_tensor(output):
+            raise SteeringError(f"site {site.spec!r}: module returns {type(output).__name__}; use '{site.spec}:0'")
+        return output
+    return output[site.index]
+
+
+def replace(output, site: Site, value: torch.Tensor):
+    """Put ``value`` back where :func:`pick` took it from (tuples are rebuilt, never mutated)."""
+    if site.index is None:
+        return value
+    items = list(output)
+    items[site.index] = value
+    return type(output)(items) if isinstance(output, tuple) else items
+
+
+def _static_width(module: nn.Module, site: Site) -> int | None:
+    if site.index is not None:
+        return None
+    weight = getattr(module, "weight", None)
+    if isinstance(module, nn.Linear):
+        return module.in_features if site.is_input else module.out_features
+    if type(module).__name__ == "Conv1D":  # transformers' GPT-2 Linear with weight [in, out]
+        return module.weight.shape[0] if site.is_input else module.weight.shape[1]
+    if "norm" in type(module).__name__.lower() and torch.is_tensor(weight) and weight.ndim == 1:
+        return weight.numel()
+    return None
+
+
+def site_widths(model: nn.Module, sites: list[str]) -> dict[str, int]:
+    """Width d of each site: from the module's weights when obvious, else from a 1-token probe forward."""
+    widths, unknown = {}, []
+    for spec in sites:
+        site = Site.parse(spec)
+        w = _static_width(model.get_submodule(site.module), site)
+        if w is None:
+            unknown.append(spec)
+        else:
+            widths[spec] = w
+    if unknown:
+        from .collect import probe_shapes
+
+        widths.update({s: shape[-1] for s, shape in probe_shapes(model, unknown).items()})
+    return widths

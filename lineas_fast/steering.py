@@ -1,0 +1,137 @@
+"""Steering: the artifact every method produces and every apply mode consumes.
+
+For each site a scale ω ∈ R^d and a shift b ∈ R^d (float32, CPU), applied as ``h ← ω⊙h + b``, plus
+``meta`` (method, model identity, widths, hyper-parameters, versions). Saved as one safetensors file
+whose header carries the JSON metadata: loading never unpickles anything.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+
+import torch
+
+from ._version import __version__
+from .errors import SteeringError
+
+FORMAT_VERSION = 1
+REQUIRED_META = ("method", "model_type", "model_class", "name_or_path", "widths", "hyperparams",
+                 "library_version", "format_version")
+
+
+class Steering:
+    """Per-site affine maps ``h ← scale⊙h + shift`` with metadata.
+
+    Args:
+        scale, shift: ``{site: float32 tensor [d]}`` with the same keys and shapes.
+        meta: metadata dict (see :data:`REQUIRED_META`); missing keys are filled with defaults.
+    """
+
+    def __init__(self, scale: dict, shift: dict, meta: dict | None = None):
+        if set(scale) != set(shift):
+            raise SteeringError(f"scale and shift cover different sites: {sorted(set(scale) ^ set(shift))[:5]}")
+        if not scale:
+            raise SteeringError("a Steering needs at least one site")
+        self.scale, self.shift = {}, {}
+        for site in scale:
+            w = torch.as_tensor(scale[site]).detach().to("cpu", torch.float32).contiguous()
+            b = torch.as_tensor(shift[site]).detach().to("cpu", torch.float32).contiguous()
+            if w.ndim != 1 or w.shape != b.shape:
+                raise SteeringError(f"site {site!r}: scale {tuple(w.shape)} and shift {tuple(b.shape)} must be equal 1-D")
+            if not (torch.isfinite(w).all() and torch.isfinite(b).all()):
+                raise SteeringError(f"site {site!r}: scale/shift contain NaN or inf")
+            self.scale[site], self.shift[site] = w, b
+        meta = dict(meta or {})
+        meta.setdefault("method", "custom")
+        meta.setdefault("model_type", "")
+        meta.setdefault("model_class", "")
+        meta.setdefault("name_or_path", "")
+        meta.setdefault("hyperparams", {})
+        meta["widths"] = {s: int(self.scale[s].numel()) for s in self.scale}
+        meta["library_version"] = meta.get("library_version", __version__)
+        meta["format_version"] = FORMAT_VERSION
+        self.meta = meta
+
+    @property
+    def sites(self) -> list[str]:
+        return list(self.scale)
+
+    def nnz(self, site: str | None = None) -> int:
+        """Entries off identity: each ω_i ≠ 1 and each b_i ≠ 0 counts one (at most 2d per site)."""
+        keys = [site] if site is not None else self.sites
+        return int(sum(int((self.scale[s] != 1).sum() + (self.shift[s] != 0).sum()) for s in keys))
+
+    def active_sites(self) -> list[str]:
+        """Sites whose map is not exactly the identity."""
+        return [s for s in self.sites if self.nnz(s) > 0]
+
+    def __repr__(self) -> str:
+        return (f"Steering(method={self.meta['method']!r}, model_type={self.meta['model_type']!r}, "
+                f"sites={len(self.sites)}, nnz={self.nnz()})")
+
+    # ---------------------------------------------------------------- persistence
+    def save(self, path: str | os.PathLike) -> None:
+        """Write ``path`` as safetensors: tensors ``scale/<site>``, ``shift/<site>``; meta JSON in the header."""
+        from safetensors.torch import save_file
+
+        tensors = {}
+        for s in self.sites:
+            tensors[f"scale/{s}"] = self.scale[s]
+            tensors[f"shift/{s}"] = self.shift[s]
+        order = json.dumps(self.sites)
+        save_file(tensors, os.fspath(path), metadata={"lineas_fast": json.dumps(self.meta), "sites": order})
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> "Steering":
+        """Read a file written by :meth:`save`; a corrupt or foreign file raises :class:`SteeringError`."""
+        from safetensors import safe_open
+
+        path = os.fspath(path)
+        if not os.path.isfile(path):
+            raise SteeringError(f"steering file {path!r} does not exist")
+        try:
+            with safe_open(path, framework="pt") as f:
+                header = f.metadata() or {}
+                tensors = {k: f.get_tensor(k) for k in f.keys()}
+        except Exception as e:  # safetensors raises several types for truncated/garbled files
+            raise SteeringError(f"steering file {path!r} is corrupt or not safetensors: {e}") from None
+        if "lineas_fast" not in header or "sites" not in header:
+            raise SteeringError(f"steering file {path!r} has no lineas_fast metadata")
+        try:
+            meta = json.loads(header["lineas_fast"])
+            sites = json.loads(header["sites"])
+        except json.JSONDecodeError as e:
+            raise SteeringError(f"steering file {path!r}: metadata is not valid JSON ({e})") from None
+        missing = [k for k in REQUIRED_META if k not in meta]
+        if missing:
+            raise SteeringError(f"steering file {path!r}: metadata lacks {missing}")
+        if meta["format_version"] > FORMAT_VERSION:
+            raise SteeringError(f"steering file {path!r}: format {meta['format_version']} is newer than this library's {FORMAT_VERSION}")
+        try:
+            scale = {s: tensors[f"scale/{s}"] for s in sites}
+            shift = {s: tensors[f"shift/{s}"] for s in sites}
+        except KeyError as e:
+            raise SteeringError(f"steering file {path!r}: tensor {e} missing") from None
+        st = cls(scale, shift, meta)
+        if st.meta["widths"] != {s: int(w) for s, w in meta["widths"].items()}:
+            raise SteeringError(f"steering file {path!r}: tensor widths disagree with its metadata")
+        return st
+
+    # ---------------------------------------------------------------- checks against a model
+    def check_model(self, model) -> None:
+        """Raise :class:`SteeringError` unless this artifact fits ``model`` (type, sites, widths)."""
+        from .sites import check_sites
+        from .sites import site_widths
+
+        mtype = getattr(model.config, "model_type", "")
+        if self.meta["model_type"] and self.meta["model_type"] != mtype:
+            raise SteeringError(
+                f"steering was fitted on model_type {self.meta['model_type']!r}, this model is {mtype!r}")
+        check_sites(model, self.sites)
+        widths = site_widths(model, self.sites)
+        bad = {s: (self.meta["widths"][s], widths[s]) for s in self.sites if widths[s] != self.meta["widths"][s]}
+        if bad:
+            s, (mine, theirs) = next(iter(bad.items()))
+            raise SteeringError(f"width mismatch at site {s!r}: steering has {mine}, model has {theirs}"
+                                + (f" (+{len(bad) - 1} more sites)" if len(bad) > 1 else ""))
