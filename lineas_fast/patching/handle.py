@@ -44,7 +44,8 @@ class SteerHandle:
 
     def _apply_strength(self, strength) -> None:
         s = _as_strength(strength)
-        ids = self.tables.ids
+        # one steering has no routing: its rows are whatever the new strength says (not the old row count)
+        ids = torch.zeros(s.numel(), dtype=torch.long) if len(self.names) == 1 else self.tables.ids
         if s.numel() > 1:
             if ids.numel() not in (1, s.numel()):
                 raise SteeringError(f"strength has {s.numel()} rows but route() was given {ids.numel()}")
