@@ -93,6 +93,17 @@ def encode(tok, texts: list[str], max_length: int | None, device) -> tuple[torch
     return batch["input_ids"].to(device), batch["attention_mask"].to(device)
 
 
+def length_buckets(tok, texts: list[str], size: int) -> list[list[str]]:
+    """Split texts into chunks of similar token length (less padding, same pooled results).
+
+    Chunks keep a fixed order (by length, ties by position), so results concatenate deterministically;
+    pooled activations do not depend on batch composition, so this changes speed, not values.
+    """
+    lengths = [len(ids) for ids in tok(texts, add_special_tokens=True)["input_ids"]]
+    order = sorted(range(len(texts)), key=lambda i: (lengths[i], i))
+    return [[texts[i] for i in order[k:k + size]] for k in range(0, len(order), size)]
+
+
 def pool(h: torch.Tensor, mask: torch.Tensor, how: str) -> torch.Tensor:
     """Pool a site tensor ``[B, T, d]`` over non-pad tokens: ``mean`` → [B, d], ``last`` → [B, d],
     ``tokens`` → [non-pad tokens, d]. Pad positions never enter (``where``, not multiply: pads may be NaN)."""
@@ -137,12 +148,19 @@ def collect(model, tok, texts, sites="norms", pooling: str = "mean", batch_size:
 
     from tqdm.auto import tqdm
 
+    # Batches of similar length waste less compute on padding; rows are put back in input order.
+    lengths = [len(x) for x in tok(texts, truncation=max_length is not None, max_length=max_length)["input_ids"]]
+    order = sorted(range(len(texts)), key=lambda i: (lengths[i], i))
     starts = range(0, len(texts), batch_size)
     with tap(model, sites, record) as seen:
         for i in tqdm(starts, desc="collect", disable=not progress, leave=False):
-            ids, mask = encode(tok, texts[i:i + batch_size], max_length, device)
+            ids, mask = encode(tok, [texts[j] for j in order[i:i + batch_size]], max_length, device)
             mask_box["mask"] = mask
             run_to_sites(model, ids, mask, seen)
+    if pooling != "tokens":  # token rows stay grouped by prompt, in length order
+        inverse = torch.empty(len(order), dtype=torch.long)
+        inverse[torch.tensor(order)] = torch.arange(len(order))
+        out = {s: [torch.cat(v)[inverse]] for s, v in out.items()}
     result = {s: torch.cat(v) for s, v in out.items()}
     for s, v in result.items():
         if not torch.isfinite(v).all():

@@ -53,11 +53,11 @@ def _convert_gguf(name: str, dest: Path) -> None:
 
     folder, gguf = _gguf_location(name)
     tok = AutoTokenizer.from_pretrained(folder, gguf_file=gguf)
-    quantized = AutoModelForCausalLM.from_pretrained(folder, gguf_file=gguf, torch_dtype=torch.float32)
+    quantized = AutoModelForCausalLM.from_pretrained(folder, gguf_file=gguf, dtype=torch.float32)
     config = quantized.config
     if hasattr(config, "quantization_config"):
         del config.quantization_config  # the weights are dequantised: save a plain checkpoint
-    plain = AutoModelForCausalLM.from_config(config, torch_dtype=torch.float32)
+    plain = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     plain.load_state_dict(quantized.state_dict())
     dest.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=dest.parent, prefix=dest.name + ".tmp"))
@@ -95,7 +95,7 @@ def load_model(name_or_path: str = "smollm2-135m", dtype: torch.dtype = torch.fl
             "(models are never downloaded)"
         )
     tok = AutoTokenizer.from_pretrained(folder, local_files_only=True)
-    model = AutoModelForCausalLM.from_pretrained(folder, local_files_only=True, torch_dtype=dtype)
+    model = AutoModelForCausalLM.from_pretrained(folder, local_files_only=True, dtype=dtype)
     model.config.name_or_path = label
     model.name_or_path = label
     if tok.pad_token is None:

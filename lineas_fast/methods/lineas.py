@@ -14,7 +14,7 @@ import time
 import torch
 from tqdm.auto import tqdm
 
-from ..collect import POOLINGS, collect, encode, model_device, pool, run_to_sites, tap
+from ..collect import POOLINGS, collect, encode, length_buckets, model_device, pool, run_to_sites, tap
 from ..errors import SteeringError
 from ..losses import column_weights, wasserstein_loss
 from ..sites import resolve_sites, site_widths
@@ -49,7 +49,7 @@ def fit_lineas(model, tok, source, target, *, sites=DEFAULTS["sites"], pooling=D
                steps=DEFAULTS["steps"], lr=DEFAULTS["lr"], l1=DEFAULTS["l1"], group_l2=DEFAULTS["group_l2"],
                batch_size=DEFAULTS["batch_size"], normalize=DEFAULTS["normalize"],
                optimizer=DEFAULTS["optimizer"], max_length=DEFAULTS["max_length"], seed=DEFAULTS["seed"],
-               progress: bool = True) -> Steering:
+               micro_batch: int = 8, progress: bool = True) -> Steering:
     """Fit LinEAS maps; see :func:`lineas_fast.fit` for the arguments."""
     source, target = check_prompt_sets(source, target)
     if pooling not in POOLINGS:
@@ -81,28 +81,30 @@ def fit_lineas(model, tok, source, target, *, sites=DEFAULTS["sites"], pooling=D
     omega = torch.ones(offsets, device=device, requires_grad=True)
     shift = torch.zeros(offsets, device=device, requires_grad=True)
     opt = (torch.optim.Adam if optimizer == "adam" else torch.optim.SGD)([omega, shift], lr=lr)
-    src_ids, src_mask = encode(tok, source, max_length, device)
     n = len(source)
     history = {"loss": [], "nnz": [], "active_sites": []}
-    pooled: dict[str, torch.Tensor] = {}
+    pooled: dict[str, list] = {s: [] for s in site_list}
     box = {}
 
     def steer_and_pool(spec, h):
         sl = slices[spec]
         out = (h.float() * omega[sl] + shift[sl])
-        pooled[spec] = pool(out, box["mask"], pooling)
+        pooled[spec].append(pool(out, box["mask"], pooling))
         return out.to(h.dtype)
 
     bar = tqdm(range(steps), desc="LinEAS", disable=not progress)
     with _FrozenModel(model), tap(model, site_list, steer_and_pool) as seen:
         for _ in bar:
             idx = torch.randperm(n, generator=gen)[:batch_size] if batch_size < n else torch.arange(n)
-            ids, mask = src_ids[idx.to(device)], src_mask[idx.to(device)]
-            box["mask"] = mask
-            run_to_sites(model, ids, mask, seen)
-            z = torch.cat([pooled[s] for s in site_list], dim=1)
+            for chunk in length_buckets(tok, [source[i] for i in idx.tolist()], micro_batch):
+                ids, mask = encode(tok, chunk, max_length, device)
+                box["mask"] = mask
+                run_to_sites(model, ids, mask, seen)
+            z = torch.cat([torch.cat(pooled[s]) for s in site_list], dim=1)
+            for s in site_list:
+                pooled[s].clear()
             if not torch.isfinite(z).all():
-                bad = next(s for s in site_list if not torch.isfinite(pooled[s]).all())
+                bad = next(s for s in site_list if not torch.isfinite(z[:, slices[s]]).all())
                 raise SteeringError(f"site {bad!r}: NaN or inf in steered activations during fit "
                                     f"(lower lr={lr} or check the model)")
             loss = wasserstein_loss(z, v_sorted, weights)
@@ -115,7 +117,7 @@ def fit_lineas(model, tok, source, target, *, sites=DEFAULTS["sites"], pooling=D
                 off = (omega != 1).int() + (shift != 0).int()
                 nnz = int(off.sum())
                 active = sum(int(off[sl].any()) for sl in slices.values())
-            history["loss"].append(float(loss))
+            history["loss"].append(loss.item())
             history["nnz"].append(nnz)
             history["active_sites"].append(active)
             bar.set_postfix(loss=f"{float(loss):.4g}", nnz=nnz, sites=active)

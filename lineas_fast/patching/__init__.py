@@ -107,6 +107,7 @@ def bake(model, steering: Steering, strength: float = 1.0):
                     lin = model.get_submodule(f"{prefix}.{i}.{rel}")
                     if lin.bias is None:
                         w = lin.weight
-                        lin.bias = torch.nn.Parameter(w.new_zeros(w.shape[0]))
+                        out_dim = w.shape[1] if type(lin).__name__ == "Conv1D" else w.shape[0]
+                        lin.bias = torch.nn.Parameter(w.new_zeros(out_dim))
     fold_into(model, steering.sites, steering.scale, steering.shift, lam)
     return model

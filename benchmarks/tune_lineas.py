@@ -1,0 +1,69 @@
+"""Sweep LinEAS (and Mean-AcT) settings on the default task and append protocol numbers to a JSONL.
+
+Each line: the settings, fit time, nnz, and for every strength the toxic rate, mean toxicity,
+degenerate rate and WikiText-passage PPL on the eval slice (SPEC §5; fluency is left out here to keep
+sweeps affordable on 2 cores — the demo reports it). The unsteered baseline is computed once per run.
+
+Usage:
+    python benchmarks/tune_lineas.py --out benchmarks/tuning.jsonl \
+        --config '{"method": "lineas", "pooling": "tokens", "steps": 50}' --strengths 0.5,1
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+
+import torch
+
+import lineas_fast as lf
+from lineas_fast import evaluate as E
+from lineas_fast.data import wiki_passages
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--out", required=True, help="JSONL file to append results to")
+    ap.add_argument("--config", action="append", required=True, help="JSON dict of lf.fit kwargs (repeatable)")
+    ap.add_argument("--strengths", default="1", help="comma-separated strengths")
+    ap.add_argument("--prompts", type=int, default=300)
+    ap.add_argument("--baseline", action="store_true", help="also record the unsteered row")
+    args = ap.parse_args()
+    model, tok = lf.load_model("smollm2-135m")
+    src, tgt = lf.data.load_texts("toxic"), lf.data.load_texts("wiki")
+    prompts = lf.data.load_texts("toxic", "eval")[: args.prompts]
+    passages = wiki_passages(tok, "eval")
+    base = E.evaluate_model(model, tok, prompts, passages)
+    if args.baseline:
+        _append(args.out, {"config": "unsteered", **_metrics(base)})
+    for raw in args.config:
+        cfg = json.loads(raw)
+        t0 = time.perf_counter()
+        st = lf.fit(model, tok, src, tgt, progress=False, **cfg)
+        fit_s = time.perf_counter() - t0
+        for lam in [float(x) for x in args.strengths.split(",")]:
+            with lf.steered(model, st, strength=lam):
+                r = E.evaluate_model(model, tok, prompts, passages)
+            d, lo, hi = E.paired_bootstrap(base["toxic"], r["toxic"])
+            row = {"config": cfg, "strength": lam, "fit_s": round(fit_s, 1), "nnz": st.nnz(),
+                   "active_sites": len(st.active_sites()), "final_loss": st.meta["train"].get("loss", [None])[-1],
+                   **_metrics(r), "cut": base["toxic_rate"] / max(r["toxic_rate"], 1e-9),
+                   "ppl_change": r["ppl"] / base["ppl"] - 1, "toxic_diff_ci": [lo, hi],
+                   "examples": r["texts"][:3]}
+            _append(args.out, row)
+            print(json.dumps({k: v for k, v in row.items() if k != "examples"}), flush=True)
+
+
+def _metrics(r: dict) -> dict:
+    return {k: round(r[k], 4) for k in ("toxic_rate", "mean_tox", "degenerate_rate", "ppl")}
+
+
+def _append(path: str, row: dict) -> None:
+    with open(path, "a") as f:
+        f.write(json.dumps(row) + "\n")
+
+
+if __name__ == "__main__":
+    torch.manual_seed(0)
+    main()
