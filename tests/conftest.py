@@ -1,0 +1,136 @@
+"""Shared test setup: Triton interpreter mode, tiny random models, an offline char tokenizer, helpers.
+
+``TRITON_INTERPRET`` must be set before anything imports triton (SPEC §4), hence the very top.
+Helpers that are plain functions (``random_steering``, ``logits``, ``snapshot``, ...) live here and are
+imported by the test modules (``from conftest import ...``); tests/ is on ``sys.path``.
+"""
+
+import os
+
+os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import copy  # noqa: E402
+import sys  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+TESTS = Path(__file__).resolve().parent
+if str(TESTS) not in sys.path:
+    sys.path.insert(0, str(TESTS))
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+from tiny_models import ARCHS, tiny_batch, tiny_model  # noqa: E402,F401
+
+FP32_TOL = 1e-5  # SPEC §6
+
+# ------------------------------------------------------------------ threads
+@pytest.fixture
+def one_thread():
+    """Tiny-model tests run single-threaded: on tiny tensors OpenMP threads only add overhead, and on a
+    shared 2-core machine they spin against other processes (a 30x slowdown). Restored afterwards so
+    kernel tests elsewhere keep their threading. Use with ``pytestmark = pytest.mark.usefixtures(...)``."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+# ------------------------------------------------------------------ models
+_PRISTINE: dict = {}
+
+
+def make_model(arch: str, seed: int = 0):
+    """A fresh copy of the tiny ``arch`` model (built once per session, deep-copied per call)."""
+    key = (arch, seed)
+    if key not in _PRISTINE:
+        _PRISTINE[key] = tiny_model(arch, seed=seed)
+    return copy.deepcopy(_PRISTINE[key])
+
+
+@pytest.fixture
+def model_factory():
+    return make_model
+
+
+# ------------------------------------------------------------------ tokenizer (offline, char level)
+_CHARS = [chr(c) for c in range(32, 127)]
+VOCAB = {"<pad>": 0, "<s>": 1, "</s>": 2, **{c: i + 3 for i, c in enumerate(_CHARS)}}  # 98 ids < 128
+
+
+def make_tokenizer(padding_side: str = "right"):
+    """A real ``PreTrainedTokenizerFast``: one token per printable ASCII char, pad=0, bos=1, eos=2."""
+    from tokenizers import Regex, Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    core = Tokenizer(models.WordLevel(VOCAB, unk_token="<pad>"))
+    core.pre_tokenizer = pre_tokenizers.Split(Regex("."), behavior="isolated")
+    tok = PreTrainedTokenizerFast(tokenizer_object=core, pad_token="<pad>", bos_token="<s>",
+                                  eos_token="</s>", unk_token="<pad>")
+    tok.padding_side = padding_side
+    return tok
+
+
+@pytest.fixture(scope="session")
+def tok():
+    return make_tokenizer("right")
+
+
+@pytest.fixture(scope="session")
+def tok_left():
+    return make_tokenizer("left")
+
+
+SOURCE = ["you are a bad person", "i hate this so much", "what a stupid idea", "go away now you fool",
+          "this is awful and dumb", "nobody likes you here"]
+TARGET = ["the river flows to the sea", "a history of the city", "the album was released in may",
+          "he studied at the university", "the station opened in 1901", "it is a small village"]
+
+
+# ------------------------------------------------------------------ helpers
+def random_steering(model, sites, seed: int = 0, shift: bool = True, scale: bool = True, spread: float = 0.3,
+                    method: str = "custom"):
+    """A Steering with random (ω, b) on resolved ``sites`` (meta carries the model's identity)."""
+    import lineas_fast as lf
+    from lineas_fast.sites import site_widths
+
+    sites = lf.resolve_sites(model, sites)
+    widths = site_widths(model, sites)
+    g = torch.Generator().manual_seed(seed)
+    sc, sh = {}, {}
+    for s in sites:
+        d = widths[s]
+        sc[s] = 1 + spread * torch.randn(d, generator=g) if scale else torch.ones(d)
+        sh[s] = spread * torch.randn(d, generator=g) if shift else torch.zeros(d)
+    meta = {"method": method, "model_type": model.config.model_type, "model_class": type(model).__name__}
+    return lf.Steering(sc, sh, meta)
+
+
+@torch.no_grad()
+def logits(model, ids=None, mask=None):
+    """Logits of ``model`` on ``tiny_batch()`` (or the given batch), fp32."""
+    if ids is None:
+        ids, mask = tiny_batch()
+    return model(input_ids=ids, attention_mask=mask).logits.float()
+
+
+def snapshot(model) -> dict:
+    """A deep copy of the state_dict (keys and values)."""
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+def assert_state_equal(model, snap: dict) -> None:
+    """Same keys and bit-equal tensors (``torch.equal``)."""
+    now = model.state_dict()
+    assert list(now) == list(snap), f"state_dict keys changed: {sorted(set(now) ^ set(snap))}"
+    diff = [k for k in snap if not (now[k].dtype == snap[k].dtype and torch.equal(now[k], snap[k]))]
+    assert not diff, f"state_dict values changed: {diff[:5]}"
+
+
+def no_hooks_left(model) -> list[str]:
+    """Names of modules that still carry forward (pre-)hooks."""
+    return [n for n, m in model.named_modules() if m._forward_hooks or m._forward_pre_hooks]
+
+
+def max_diff(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a.float() - b.float()).abs().max())
