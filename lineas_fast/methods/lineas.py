@@ -120,7 +120,7 @@ def fit_lineas(model, tok, source, target, *, sites=DEFAULTS["sites"], pooling=D
             history["loss"].append(loss.item())
             history["nnz"].append(nnz)
             history["active_sites"].append(active)
-            bar.set_postfix(loss=f"{float(loss):.4g}", nnz=nnz, sites=active)
+            bar.set_postfix(loss=f"{history['loss'][-1]:.4g}", nnz=nnz, sites=active)
     fit_seconds = time.perf_counter() - t0
 
     scale = {s: omega.detach()[slices[s]].cpu() for s in site_list}
