@@ -141,7 +141,7 @@ def collect(model, tok, texts, sites="norms", pooling: str = "mean", batch_size:
     sites = resolve_sites(model, sites)
     out: dict[str, list] = {s: [] for s in sites}
     device = model_device(model)
-    mask_box = {}
+    mask_box, counts = {}, []
 
     def record(spec, h):
         out[spec].append(pool(h.float(), mask_box["mask"], pooling).cpu())
@@ -156,11 +156,16 @@ def collect(model, tok, texts, sites="norms", pooling: str = "mean", batch_size:
         for i in tqdm(starts, desc="collect", disable=not progress, leave=False):
             ids, mask = encode(tok, [texts[j] for j in order[i:i + batch_size]], max_length, device)
             mask_box["mask"] = mask
+            counts.extend(mask.sum(1).tolist())
             run_to_sites(model, ids, mask, seen)
-    if pooling != "tokens":  # token rows stay grouped by prompt, in length order
-        inverse = torch.empty(len(order), dtype=torch.long)
-        inverse[torch.tensor(order)] = torch.arange(len(order))
-        out = {s: [torch.cat(v)[inverse]] for s, v in out.items()}
+    # put rows back in input order (for tokens: each prompt's block of token rows)
+    blocks_in_order = [None] * len(order)
+    for s, v in out.items():
+        rows = torch.cat(v)
+        parts = rows.split(counts) if pooling == "tokens" else rows.split(1)
+        for pos, part in zip(order, parts):
+            blocks_in_order[pos] = part
+        out[s] = [torch.cat(blocks_in_order)]
     result = {s: torch.cat(v) for s, v in out.items()}
     for s, v in result.items():
         if not torch.isfinite(v).all():
