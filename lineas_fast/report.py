@@ -175,11 +175,14 @@ def loss_curve_png(train: dict, path: str | os.PathLike, title: str = "LinEAS tr
     ax.set_xlabel("step")
     ax.set_ylabel("Wasserstein loss (sum over sites)", color="tab:blue")
     ax.tick_params(axis="y", labelcolor="tab:blue")
+    from matplotlib.ticker import FuncFormatter, LogLocator, MaxNLocator, NullFormatter
+
     if loss and min(loss) > 0 and max(loss) / min(loss) > 10:
         ax.set_yscale("log")
+        ax.yaxis.set_major_locator(LogLocator(subs=(1.0, 2.0, 5.0)))
+        ax.yaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
+        ax.yaxis.set_minor_formatter(NullFormatter())
     ax.grid(alpha=0.3)
-    from matplotlib.ticker import MaxNLocator
-
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     if nnz:
         ax2 = ax.twinx()
