@@ -13,7 +13,10 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import time
+
+import numpy as np
 
 import torch
 
@@ -29,12 +32,13 @@ def main() -> None:
     ap.add_argument("--strengths", default="1", help="comma-separated strengths")
     ap.add_argument("--prompts", type=int, default=300)
     ap.add_argument("--baseline", action="store_true", help="also record the unsteered row")
+    ap.add_argument("--baseline-cache", help="JSON file caching the unsteered run (computed if missing)")
     args = ap.parse_args()
     model, tok = lf.load_model("smollm2-135m")
     src, tgt = lf.data.load_texts("toxic"), lf.data.load_texts("wiki")
     prompts = lf.data.load_texts("toxic", "eval")[: args.prompts]
     passages = wiki_passages(tok, "eval")
-    base = E.evaluate_model(model, tok, prompts, passages)
+    base = _baseline(args.baseline_cache, model, tok, prompts, passages)
     if args.baseline:
         _append(args.out, {"config": "unsteered", **_metrics(base)})
     for raw in args.config:
@@ -53,6 +57,19 @@ def main() -> None:
                    "examples": r["texts"][:3]}
             _append(args.out, row)
             print(json.dumps({k: v for k, v in row.items() if k != "examples"}), flush=True)
+
+
+def _baseline(cache, model, tok, prompts, passages) -> dict:
+    """The unsteered run, read from ``cache`` when it was computed for the same prompts."""
+    if cache and os.path.isfile(cache):
+        saved = json.load(open(cache))
+        if saved["prompts"] == prompts:
+            return {**saved, "toxic": np.asarray(saved["toxic"])}
+    base = E.evaluate_model(model, tok, prompts, passages)
+    if cache:
+        keep = {k: base[k] for k in ("toxic_rate", "mean_tox", "degenerate_rate", "ppl")}
+        json.dump({**keep, "toxic": base["toxic"].tolist(), "prompts": prompts}, open(cache, "w"))
+    return base
 
 
 def _metrics(r: dict) -> dict:

@@ -81,6 +81,9 @@ class Steering:
             tensors[f"shift/{s}"] = self.shift[s]
         order = json.dumps(self.sites)
         save_file(tensors, os.fspath(path), metadata={"lineas_fast": json.dumps(self.meta), "sites": order})
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(path, 0o666 & ~umask)  # safetensors writes 0600; a steering file is a normal shareable file
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> "Steering":
