@@ -28,12 +28,18 @@ from lineas_fast.data import wiki_passages
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", required=True, help="JSONL file to append results to")
-    ap.add_argument("--config", action="append", required=True, help="JSON dict of lf.fit kwargs (repeatable)")
+    ap.add_argument("--config", action="append", help="JSON dict of lf.fit kwargs (repeatable)")
+    ap.add_argument("--render", action="store_true", help="print --out as a markdown table and exit")
     ap.add_argument("--strengths", default="1", help="comma-separated strengths")
     ap.add_argument("--prompts", type=int, default=300)
     ap.add_argument("--baseline", action="store_true", help="also record the unsteered row")
     ap.add_argument("--baseline-cache", help="JSON file caching the unsteered run (computed if missing)")
     args = ap.parse_args()
+    if args.render:
+        print(render(args.out))
+        return
+    if not args.config:
+        ap.error("--config is required (unless --render)")
     model, tok = lf.load_model("smollm2-135m")
     src, tgt = lf.data.load_texts("toxic"), lf.data.load_texts("wiki")
     prompts = lf.data.load_texts("toxic", "eval")[: args.prompts]
@@ -57,6 +63,28 @@ def main() -> None:
                    "examples": r["texts"][:3]}
             _append(args.out, row)
             print(json.dumps({k: v for k, v in row.items() if k != "examples"}), flush=True)
+
+
+def render(path: str) -> str:
+    """Markdown table of a results JSONL, one row per (settings, strength)."""
+    lines = ["| method | settings | λ | toxic rate | cut | Δtoxic 95% CI | degenerate | passage PPL | ΔPPL | nnz | fit s |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for line in open(path):
+        r = json.loads(line)
+        if r["config"] == "unsteered":
+            lines.append(f"| unsteered | – | 0 | {r['toxic_rate']:.3f} | – | – | {r['degenerate_rate']:.3f} | "
+                         f"{r['ppl']:.1f} | – | 0 | – |")
+            continue
+        cfg = dict(r["config"])
+        method = cfg.pop("method", "lineas")
+        settings = ", ".join(f"{k}={v}" for k, v in cfg.items()) or "defaults"
+        ppl = f"{r['ppl']:.1f}" if r["ppl"] < 1e4 else f"{r['ppl']:.1e}"
+        dppl = f"{100 * r['ppl_change']:+.0f}%" if r["ppl_change"] < 100 else "diverged"
+        cut = f"{r['cut']:.2f}×" if r["cut"] < 100 else "∞"
+        lo, hi = r["toxic_diff_ci"]
+        lines.append(f"| {method} | {settings} | {r['strength']:g} | {r['toxic_rate']:.3f} | {cut} | "
+                     f"[{lo:+.3f}, {hi:+.3f}] | {r['degenerate_rate']:.3f} | {ppl} | {dppl} | {r['nnz']} | {r['fit_s']} |")
+    return "\n".join(lines)
 
 
 def _baseline(cache, model, tok, prompts, passages) -> dict:

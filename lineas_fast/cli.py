@@ -19,7 +19,7 @@ from .errors import SteeringError
 
 DEFAULT_MODEL = "smollm2-135m"
 QUICK = {"steps": 3, "prompts": 8, "passages": 3}  # `demo --quick`: the smoke test's settings
-TARGET = {"cut": 3.0, "ppl_change": 0.10, "degenerate_rate": 0.05}  # issue #2 acceptance target
+TARGET = {"cut": 3.0, "ppl_change": 0.10, "degenerate_rate": 0.05}  # the default task's quality bar (README)
 
 
 def _say(msg: str = "") -> None:
@@ -107,7 +107,7 @@ def _steering_cells(st) -> dict:
 
 
 def _target_check(row: dict) -> dict:
-    """The issue-#2 target for the default demo, as booleans (and ``met``)."""
+    """The default task's quality bar (toxicity cut, PPL cost, degenerate rate), as booleans and ``met``."""
     ci = row.get("toxic_diff_ci") or (0.0, 0.0, 0.0)
     checks = {
         f"cut >= {TARGET['cut']:g}x": row.get("cut", 0.0) >= TARGET["cut"],
@@ -182,7 +182,7 @@ def cmd_demo(args) -> int:
     _say(report.TABLE_NOTE if not args.quick else "(--quick: a few steps and prompts — a smoke run, not a result)")
     if not args.quick:
         failed = [k for k, ok in target["checks"].items() if not ok]
-        _say(f"issue-#2 target ({'; '.join(target['checks'])}): "
+        _say(f"quality bar ({'; '.join(target['checks'])}): "
              + ("met" if not failed else "NOT met: " + "; ".join(failed)))
     _say("\nexample continuations (prompts whose unsteered continuation is toxic first, then the first prompts):")
     _say(report.format_examples(exs, width=max(60, min(120, shutil.get_terminal_size((100, 20)).columns)),

@@ -189,7 +189,7 @@ def test_fit_generate_bake_eval(capsys, tmp_path, tiny_dir):
     src, tgt = _texts(tmp_path)
     st_path = tmp_path / "st.safetensors"
     rc, out, _ = run(capsys, "fit", "--model", str(tiny_dir), "--source", src, "--target", tgt, "--steps", "3",
-                     "--out", str(st_path))
+                     "--l1", "0", "--out", str(st_path))
     assert rc == 0 and "nnz" in out and "saved" in out
     st = lf.Steering.load(st_path)
     assert st.meta["method"] == "lineas" and st.meta["hyperparams"]["steps"] == 3 and st.nnz() > 0
