@@ -88,6 +88,12 @@ def fit_lineas(model, tok, source, target, *, sites=DEFAULTS["sites"], pooling=D
     shift = torch.zeros(offsets, device=device, requires_grad=True)
     opt = (torch.optim.Adam if optimizer == "adam" else torch.optim.SGD)([omega, shift], lr=lr)
     n = len(source)
+
+    def _batches(rows: list[int]) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        chunks = length_buckets(tok, [source[i] for i in rows], micro_batch)
+        return [encode(tok, chunk, max_length, device) for chunk in chunks]
+
+    full_batches = _batches(list(range(n))) if batch_size >= n else None  # encoded once when every step uses all
     history = {"loss": [], "nnz": [], "active_sites": []}
     pooled: dict[str, list] = {s: [] for s in site_list}
     box = {}
@@ -101,9 +107,7 @@ def fit_lineas(model, tok, source, target, *, sites=DEFAULTS["sites"], pooling=D
     bar = tqdm(range(steps), desc="LinEAS", disable=not progress)
     with _FrozenModel(model), tap(model, site_list, steer_and_pool) as seen:
         for _ in bar:
-            idx = torch.randperm(n, generator=gen)[:batch_size] if batch_size < n else torch.arange(n)
-            for chunk in length_buckets(tok, [source[i] for i in idx.tolist()], micro_batch):
-                ids, mask = encode(tok, chunk, max_length, device)
+            for ids, mask in (full_batches or _batches(torch.randperm(n, generator=gen)[:batch_size].tolist())):
                 box["mask"] = mask
                 run_to_sites(model, ids, mask, seen)
             z = torch.cat([torch.cat(pooled[s]) for s in site_list], dim=1)

@@ -31,6 +31,7 @@ class SteeringTables:
         # routing: R rows (R = 1 broadcasts to any batch).
         self.ids = torch.zeros(1, dtype=torch.long)
         self.strength = torch.ones(1)
+        self._cache: dict = {}  # (site, rows) -> (a, c), valid until the routing changes
 
     def set_rows(self, ids: torch.Tensor, strength: torch.Tensor) -> None:
         self.ids, self.strength = ids.long().cpu(), strength.float().cpu()
@@ -43,7 +44,7 @@ class SteeringTables:
             if batch % rows:
                 raise SteeringError(f"batch of {batch} rows does not match the {rows} rows given to "
                                     f"route()/set_strength() (nor a multiple of it)")
-        cache = self.__dict__.setdefault("_cache", {})
+        cache = self._cache
         key = (site, batch if rows != 1 else 1)
         if key not in cache:
             w, b = self.scale[site], self.shift[site]
