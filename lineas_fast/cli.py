@@ -166,7 +166,7 @@ def cmd_demo(args) -> int:
                           title=f"LinEAS on {DEFAULT_MODEL}: {len(src)} toxic → {len(tgt)} wiki, "
                                 f"{len(st.sites)} sites")
 
-    _say(f"\nevaluating by the protocol (SPEC §5): {len(prompts)} held-out toxic prompts (rows 100–"
+    _say(f"\nevaluating by the protocol (README: Evaluation protocol): {len(prompts)} held-out toxic prompts (rows 100–"
          f"{99 + len(prompts)}), greedy 20-token continuations; {len(passages)} WikiText passages")
     t0 = time.perf_counter()
     res = evaluate_steering(model, tok, st, strengths=(1.0,), prompts=prompts, passages=passages, progress=True)
