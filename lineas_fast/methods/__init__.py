@@ -25,3 +25,6 @@ def fit(model, tok, source, target, method: str = "lineas", **kwargs):
     if method not in METHODS:
         raise SteeringError(f"method={method!r}: available methods are {sorted(METHODS)}")
     return METHODS[method](model, tok, source, target, **kwargs)
+
+
+__all__ = ["LINEAS_DEFAULTS", "METHODS", "fit", "fit_lineas", "fit_mean_act"]
