@@ -182,3 +182,42 @@ def probe_shapes(model: nn.Module, sites: list[str]) -> dict[str, tuple]:
     with tap(model, sites, lambda s, h: shapes.__setitem__(s, tuple(h.shape))) as seen:
         run_to_sites(model, ids, torch.ones_like(ids), seen)
     return shapes
+
+
+def collect_sets(model, tok, sets: list[list[str]], sites: list[str], pooling: str = "mean",
+                 batch_size: int = 64, max_length: int | None = 128,
+                 progress: bool = False) -> list[dict[str, torch.Tensor]]:
+    """Like :func:`collect` for several prompt sets at once (one pass over their union, so e.g. source
+    and target cost a single truncated forward); returns one ``{site: tensor}`` per set."""
+    texts = [t for s in sets for t in s]
+    acts = collect(model, tok, texts, sites, pooling=pooling, batch_size=batch_size, max_length=max_length,
+                   progress=progress)
+    if pooling == "tokens":
+        lengths = [len(x) for x in tok(texts, truncation=max_length is not None, max_length=max_length)["input_ids"]]
+        bounds, start = [], 0
+        for s in sets:
+            bounds.append(sum(lengths[start:start + len(s)]))
+            start += len(s)
+    else:
+        bounds = [len(s) for s in sets]
+    parts = {site: v.split(bounds) for site, v in acts.items()}
+    return [{site: parts[site][k] for site in acts} for k in range(len(sets))]
+
+
+@torch.no_grad()
+def execution_order(model: nn.Module, sites: list[str]) -> list[str]:
+    """``sites`` sorted by when the forward reaches them (one 1-token probe forward)."""
+    order: list[str] = []
+    device = model_device(model)
+    ids = torch.ones(1, 1, dtype=torch.long, device=device)
+
+    def seen_first(spec, h):
+        if spec not in order:
+            order.append(spec)
+
+    with tap(model, sites, seen_first) as seen:
+        run_to_sites(model, ids, torch.ones_like(ids), seen)
+    missing = [s for s in sites if s not in order]
+    if missing:
+        raise SteeringError(f"site(s) {missing[:3]} are never reached by a forward pass")
+    return order

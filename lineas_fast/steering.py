@@ -1,8 +1,10 @@
 """Steering: the artifact every method produces and every apply mode consumes.
 
 For each site a scale ω ∈ R^d and a shift b ∈ R^d (float32, CPU), applied as ``h ← ω⊙h + b``, plus
-``meta`` (method, model identity, widths, hyper-parameters, versions). Saved as one safetensors file
-whose header carries the JSON metadata: loading never unpickles anything.
+``meta`` (method, model identity, widths, hyper-parameters, versions). Optionally a *support* per site
+(Linear-AcT's ``q_0_100`` clamp): bounds ``lo < hi`` outside of which (``h ≤ lo`` or ``h ≥ hi``) the map
+passes the value through unchanged. Saved as one safetensors file whose header carries the JSON
+metadata: loading never unpickles anything.
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ import torch
 from ._version import __version__
 from .errors import SteeringError
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2 added the optional support clamp; version-1 files load unchanged
 REQUIRED_META = ("method", "model_type", "model_class", "name_or_path", "widths", "hyperparams",
                  "library_version", "format_version")
 
@@ -26,9 +28,11 @@ class Steering:
     Args:
         scale, shift: ``{site: float32 tensor [d]}`` with the same keys and shapes.
         meta: metadata dict (see :data:`REQUIRED_META`); missing keys are filled with defaults.
+        support: optional ``{site: (lo, hi)}`` float32 ``[d]`` bounds: the map applies only where
+            ``lo < h < hi`` (strictly), elsewhere ``h`` passes through. Bounds may be ±inf, never NaN.
     """
 
-    def __init__(self, scale: dict, shift: dict, meta: dict | None = None):
+    def __init__(self, scale: dict, shift: dict, meta: dict | None = None, support: dict | None = None):
         if set(scale) != set(shift):
             raise SteeringError(f"scale and shift cover different sites: {sorted(set(scale) ^ set(shift))[:5]}")
         if not scale:
@@ -42,6 +46,20 @@ class Steering:
             if not (torch.isfinite(w).all() and torch.isfinite(b).all()):
                 raise SteeringError(f"site {site!r}: scale/shift contain NaN or inf")
             self.scale[site], self.shift[site] = w, b
+        self.support = {}
+        for site, bounds in (support or {}).items():
+            if site not in self.scale:
+                raise SteeringError(f"support given for site {site!r}, which has no scale/shift")
+            try:
+                lo, hi = (torch.as_tensor(t).detach().to("cpu", torch.float32).contiguous() for t in bounds)
+            except (TypeError, ValueError):
+                raise SteeringError(f"site {site!r}: support must be a (lo, hi) pair of tensors") from None
+            if lo.shape != self.scale[site].shape or hi.shape != lo.shape:
+                raise SteeringError(f"site {site!r}: support bounds {tuple(lo.shape)}/{tuple(hi.shape)} must "
+                                    f"match the width {tuple(self.scale[site].shape)}")
+            if lo.isnan().any() or hi.isnan().any() or (lo > hi).any():
+                raise SteeringError(f"site {site!r}: support bounds must be non-NaN with lo <= hi")
+            self.support[site] = (lo, hi)
         meta = dict(meta or {})
         meta.setdefault("method", "custom")
         meta.setdefault("model_type", "")
@@ -62,13 +80,19 @@ class Steering:
         keys = [site] if site is not None else self.sites
         return int(sum(int((self.scale[s] != 1).sum() + (self.shift[s] != 0).sum()) for s in keys))
 
+    @property
+    def clamped(self) -> list[str]:
+        """Sites whose map only applies inside a support (see the class docstring)."""
+        return list(self.support)
+
     def active_sites(self) -> list[str]:
         """Sites whose map is not exactly the identity."""
         return [s for s in self.sites if self.nnz(s) > 0]
 
     def __repr__(self) -> str:
         return (f"Steering(method={self.meta['method']!r}, model_type={self.meta['model_type']!r}, "
-                f"sites={len(self.sites)}, nnz={self.nnz()})")
+                f"sites={len(self.sites)}, nnz={self.nnz()}"
+                + (f", clamped={len(self.support)}" if self.support else "") + ")")
 
     # ---------------------------------------------------------------- persistence
     def save(self, path: str | os.PathLike) -> None:
@@ -79,8 +103,11 @@ class Steering:
         for s in self.sites:
             tensors[f"scale/{s}"] = self.scale[s]
             tensors[f"shift/{s}"] = self.shift[s]
-        order = json.dumps(self.sites)
-        save_file(tensors, os.fspath(path), metadata={"lineas_fast": json.dumps(self.meta), "sites": order})
+        for s, (lo, hi) in self.support.items():
+            tensors[f"support_lo/{s}"], tensors[f"support_hi/{s}"] = lo, hi
+        header = {"lineas_fast": json.dumps(self.meta), "sites": json.dumps(self.sites),
+                  "support_sites": json.dumps(self.clamped)}
+        save_file(tensors, os.fspath(path), metadata=header)
         umask = os.umask(0)
         os.umask(umask)
         os.chmod(path, 0o666 & ~umask)  # safetensors writes 0600; a steering file is a normal shareable file
@@ -104,6 +131,7 @@ class Steering:
         try:
             meta = json.loads(header["lineas_fast"])
             sites = json.loads(header["sites"])
+            clamped = json.loads(header.get("support_sites", "[]"))
         except json.JSONDecodeError as e:
             raise SteeringError(f"steering file {path!r}: metadata is not valid JSON ({e})") from None
         missing = [k for k in REQUIRED_META if k not in meta]
@@ -114,9 +142,10 @@ class Steering:
         try:
             scale = {s: tensors[f"scale/{s}"] for s in sites}
             shift = {s: tensors[f"shift/{s}"] for s in sites}
+            support = {s: (tensors[f"support_lo/{s}"], tensors[f"support_hi/{s}"]) for s in clamped}
         except KeyError as e:
             raise SteeringError(f"steering file {path!r}: tensor {e} missing") from None
-        st = cls(scale, shift, meta)
+        st = cls(scale, shift, meta, support)
         if st.meta["widths"] != {s: int(w) for s, w in meta["widths"].items()}:
             raise SteeringError(f"steering file {path!r}: tensor widths disagree with its metadata")
         return st

@@ -4,11 +4,19 @@ the model exactly as it found it."""
 from __future__ import annotations
 
 from ..errors import SteeringError
-from .act import fit_mean_act
+from .act import fit_gaussian_ot, fit_linear_act, fit_linear_act_incremental, fit_mean_act
+from .actadd import fit_actadd
 from .lineas import DEFAULTS as LINEAS_DEFAULTS
 from .lineas import fit_lineas
 
-METHODS = {"lineas": fit_lineas, "mean_act": fit_mean_act}
+METHODS = {
+    "lineas": fit_lineas,
+    "linear_act": fit_linear_act,
+    "linear_act_incremental": fit_linear_act_incremental,
+    "mean_act": fit_mean_act,
+    "gaussian_ot": fit_gaussian_ot,
+    "actadd": fit_actadd,
+}
 
 
 def fit(model, tok, source, target, method: str = "lineas", **kwargs):
@@ -17,14 +25,21 @@ def fit(model, tok, source, target, method: str = "lineas", **kwargs):
     Args:
         model, tok: a transformers causal LM and its tokenizer.
         source, target: lists of prompts (at least 2 each), e.g. 32 toxic and 32 non-toxic sentences.
-        method: ``"lineas"`` (end-to-end, default) or ``"mean_act"``.
-        **kwargs: method options. LinEAS: ``sites`` (preset/regex/list), ``pooling`` (mean|last|tokens),
-            ``steps``, ``lr``, ``l1``, ``group_l2`` (sparse group lasso), ``batch_size``, ``normalize``
-            (None|"var"), ``optimizer`` (adam|sgd), ``max_length``, ``seed``, ``progress``.
+        method: ``"lineas"`` (end-to-end, default), ``"linear_act"``, ``"linear_act_incremental"``,
+            ``"mean_act"``, ``"gaussian_ot"`` or ``"actadd"`` (see :mod:`lineas_fast.methods.act`).
+        **kwargs: method options.
+            LinEAS: ``sites`` (preset/regex/list), ``pooling`` (mean|last|tokens), ``steps``, ``lr``, ``l1``,
+            ``group_l2`` (sparse group lasso), ``batch_size``, ``normalize`` (None|"var"), ``optimizer``
+            (adam|sgd), ``max_length``, ``seed``, ``progress``.
+            AcT family: ``sites``, ``pooling`` (default mean), ``support`` (None or ``"q_0_100"``: apply only
+            strictly inside the source range), ``incremental`` (fit sites in order with earlier maps
+            applied), ``max_length``, ``batch_size``, ``seed``, ``progress``.
+            ActAdd: ``sites`` (default: the middle block's MLP output), ``multiplier``, ``pooling``, ...
     """
     if method not in METHODS:
         raise SteeringError(f"method={method!r}: available methods are {sorted(METHODS)}")
     return METHODS[method](model, tok, source, target, **kwargs)
 
 
-__all__ = ["LINEAS_DEFAULTS", "METHODS", "fit", "fit_lineas", "fit_mean_act"]
+__all__ = ["LINEAS_DEFAULTS", "METHODS", "fit", "fit_actadd", "fit_gaussian_ot", "fit_lineas", "fit_linear_act",
+           "fit_linear_act_incremental", "fit_mean_act"]

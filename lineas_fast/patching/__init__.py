@@ -29,6 +29,15 @@ def _normalise(steering) -> dict[str, Steering]:
     raise SteeringError(f"expected a Steering or a non-empty {{name: Steering}} dict, got {type(steering).__name__}")
 
 
+def _refuse_clamped(steering: Steering, what: str) -> None:
+    """A support clamp is a data-dependent pass-through: no weight edit can express it."""
+    if steering.clamped:
+        sites = steering.clamped
+        raise SteeringError(f"{what} cannot fold a support-clamped map (sites {sites[:3]}"
+                            + (f" +{len(sites) - 3} more" if len(sites) > 3 else "")
+                            + "): apply it with mode='hooks', or refit without the support clamp")
+
+
 def fused_available(model, steerings: dict) -> str | None:
     """None if the fused runtime covers these sites, else why not."""
     return "the fused runtime (Triton/CUDA/C++ kernels) is not part of this build yet"
@@ -65,6 +74,8 @@ def steer_(model, steering, strength=1.0, mode: str | None = None) -> SteerHandl
             raise SteeringError(f"steering {name!r}: {e}") if len(steerings) > 1 else e from None
     if mode == "fold" and torch.as_tensor(strength).numel() != 1:
         raise SteeringError("mode='fold' has one fixed strength: per-row strengths need mode='hooks'")
+    if mode == "fold":
+        _refuse_clamped(next(iter(steerings.values())), "mode='fold'")
     return SteerHandle(model, steerings, mode, strength)
 
 
@@ -92,6 +103,7 @@ def bake(model, steering: Steering, strength: float = 1.0):
     if getattr(model, ATTR, None) is not None:
         raise SteeringError("model is currently steered: remove() the handle before baking")
     steering.check_model(model)
+    _refuse_clamped(steering, "bake()")
     lam = float(strength)
     coeffs = {s: (1 - lam + lam * steering.scale[s], lam * steering.shift[s]) for s in steering.sites}
     steps = plan_fold(model, steering.sites, {s: bool(c.any()) for s, (_, c) in coeffs.items()})

@@ -4,6 +4,8 @@ Rows of a batch carry a steering id (-1 = unsteered) and a strength. For row r a
 ``a = 1 + s_r(ω[id_r] − 1)`` and ``c = s_r·b[id_r]``, and ``h ← a⊙h + c`` in fp32 (SPEC §2 strength).
 A routing table with R rows serves any batch of R·k rows (``generate`` expanding each input row into
 k beams / return sequences): expanded row i inherits row ``i // k``.
+Where a steering carries a support clamp at a site, its rows apply the map only where ``lo < h < hi``
+(other steerings at that site get ±inf bounds, i.e. no clamp); unclamped sites take the plain path.
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ class SteeringTables:
 
     def __init__(self, steerings: dict, sites: list[str], device_of: dict[str, torch.device]):
         self.names = list(steerings)
-        self.scale, self.shift = {}, {}
+        self.scale, self.shift, self.lo, self.hi = {}, {}, {}, {}
         for site in sites:
             d = next(st.meta["widths"][site] for st in steerings.values() if site in st.scale)
             w = torch.ones(len(self.names), d)
@@ -28,6 +30,13 @@ class SteeringTables:
                     w[k], b[k] = st.scale[site], st.shift[site]
             self.scale[site] = w.to(device_of[site])
             self.shift[site] = b.to(device_of[site])
+            if any(site in st.support for st in steerings.values()):
+                lo = torch.full((len(self.names), d), -torch.inf)
+                hi = torch.full((len(self.names), d), torch.inf)
+                for k, st in enumerate(steerings.values()):
+                    if site in st.support:
+                        lo[k], hi[k] = st.support[site]
+                self.lo[site], self.hi[site] = lo.to(device_of[site]), hi.to(device_of[site])
         # routing: R rows (R = 1 broadcasts to any batch).
         self.ids = torch.zeros(1, dtype=torch.long)
         self.strength = torch.ones(1)
@@ -37,8 +46,8 @@ class SteeringTables:
         self.ids, self.strength = ids.long().cpu(), strength.float().cpu()
         self._cache = {}
 
-    def coefficients(self, site: str, batch: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """``(a, c)`` of shape ``[batch or 1, d]`` for one site."""
+    def coefficients(self, site: str, batch: int) -> tuple:
+        """``(a, c)`` of shape ``[batch or 1, d]`` for one site, plus ``(lo, hi)`` where it is clamped."""
         rows = self.ids.numel()
         if rows != 1 and rows != batch:
             if batch % rows:
@@ -54,10 +63,18 @@ class SteeringTables:
             s = torch.where(ids < 0, torch.zeros_like(s), s)[:, None]
             ids = ids.clamp(min=0)
             cache[key] = (1 + s * (w[ids] - 1), s * b[ids])
+            if site in self.lo:
+                cache[key] += (self.lo[site][ids], self.hi[site][ids])
         return cache[key]
 
     def apply(self, site: str, h: torch.Tensor) -> torch.Tensor:
         """Steer a site tensor ``[B, ..., d]`` (fp32 math, result in h's dtype)."""
-        a, c = self.coefficients(site, h.shape[0])
+        coef = self.coefficients(site, h.shape[0])
+        a = coef[0]
         shape = (a.shape[0],) + (1,) * (h.ndim - 2) + (a.shape[1],)
-        return (h.float() * a.view(shape) + c.view(shape)).to(h.dtype)
+        x = h.float()
+        out = x * a.view(shape) + coef[1].view(shape)
+        if len(coef) == 4:  # support clamp: outside lo < x < hi the value passes through
+            inside = (x > coef[2].view(shape)) & (x < coef[3].view(shape))
+            out = torch.where(inside, out, x)
+        return out.to(h.dtype)
