@@ -16,10 +16,11 @@ from .collect import collect
 from .errors import SteeringError
 from .methods import fit
 from .models import load_model
+from . import evaluate
 from .patching import bake, steer_, steered
 from .patching.handle import SteerHandle
 from .sites import resolve_sites
 from .steering import Steering
 
 __all__ = ["Steering", "SteerHandle", "SteeringError", "__version__", "bake", "collect", "data", "env_report",
-           "fit", "load_model", "resolve_sites", "steer_", "steered"]
+           "evaluate", "fit", "load_model", "resolve_sites", "steer_", "steered"]

@@ -232,7 +232,8 @@ def cmd_fit(args) -> int:
     tgt = load_texts(args.target, "fit")
     given = {"sites": _sites_arg(args.sites), "pooling": args.pooling, "steps": args.steps, "lr": args.lr,
              "l1": args.l1, "group_l2": args.group_l2, "seed": args.seed, "normalize": args.normalize,
-             "optimizer": args.optimizer, "batch_size": args.batch_size, "max_length": args.max_length}
+             "optimizer": args.optimizer, "batch_size": args.batch_size, "max_length": args.max_length,
+             "support": args.support, "incremental": args.incremental or None, "multiplier": args.multiplier}
     kwargs = {k: v for k, v in given.items() if v is not None}
     if kwargs.get("normalize") == "none":
         kwargs["normalize"] = None
@@ -290,7 +291,9 @@ def cmd_eval(args) -> int:
     from .data import load_texts, wiki_passages
     from .evaluate import evaluate_steering, summary_row
 
-    strengths = _strengths(args.strengths)
+    if args.methods:
+        return cmd_compare(args)
+    strengths = _strengths(args.strengths or "1")
     _positive("--prompts", args.prompts)
     _positive("--passages", args.passages)
     st = _load_steering(args.steering)
@@ -326,6 +329,68 @@ def cmd_eval(args) -> int:
                                       encoding="utf-8")
         report.tradeoff_png(rows, out / "tradeoff.png", title=f"{st.meta.get('method')}: strength sweep")
         _say(f"saved {out / 'results.json'}, {out / 'table.md'}, {out / 'tradeoff.png'}")
+    return 0
+
+
+def _sparsity_arg(text: str) -> dict:
+    grid = {}
+    for part in text.split(","):
+        key, _, val = part.partition("=")
+        key = key.strip().replace("-", "_")
+        if key not in ("l1", "group_l2") or not val:
+            raise SteeringError(f"--sparsity {text!r}: expected l1=X and/or group_l2=Y, e.g. l1=30,group_l2=1")
+        try:
+            grid[key] = float(val)
+        except ValueError:
+            raise SteeringError(f"--sparsity {text!r}: {val!r} is not a number") from None
+        if grid[key] < 0:
+            raise SteeringError(f"--sparsity {text!r}: {key} must be >= 0")
+    return grid
+
+
+def cmd_compare(args) -> int:
+    """``eval --methods``: the method comparison, written as a results folder."""
+    import shlex
+
+    from . import evaluate, report
+    from .data import load_texts, wiki_passages
+    from .methods import METHODS
+
+    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    unknown = [m for m in methods if m not in METHODS]
+    if unknown or not methods:
+        raise SteeringError(f"--methods: unknown method(s) {unknown} (available: {', '.join(METHODS)})")
+    if not args.out:
+        raise SteeringError("--methods needs --out DIR (the results folder; rerunning resumes it)")
+    if args.steering is not None:
+        raise SteeringError("give either --steering or --methods, not both")
+    strengths = _strengths(args.strengths or "0,0.25,0.5,0.75,1")
+    multipliers = _strengths(args.multipliers) if "actadd" in methods else []
+    sparsity = [_sparsity_arg(x) for x in args.sparsity]
+    _positive("--prompts", args.prompts)
+    _positive("--passages", args.passages)
+    _positive("--steps", args.steps)
+    src, tgt = load_texts(args.source, "fit"), load_texts(args.target, "fit")
+    prompts = load_texts(args.prompt_set, "eval")[:args.prompts]
+    model, tok = _load_model(args.model or DEFAULT_MODEL)
+    passages = wiki_passages(tok, "eval")[:args.passages]
+    if not passages:
+        raise SteeringError("no WikiText passages to score (the tokenizer produced none)")
+    fit_kwargs = {"lineas": {"steps": args.steps}} if args.steps else {}
+    _say(f"comparing {', '.join(methods)} on {len(src)} vs {len(tgt)} fit prompts; evaluating strengths "
+         f"{strengths} on {len(prompts)} prompts and {len(passages)} passages"
+         + (f"; LinEAS sparsity sweep {sparsity}" if sparsity else ""))
+    t0 = time.perf_counter()
+    result = evaluate.compare(methods, strengths, model=model, tok=tok, source=src, target=tgt, prompts=prompts,
+                              passages=passages, fit_kwargs=fit_kwargs, multipliers=multipliers,
+                              sparsity=sparsity, out_dir=args.out, progress=True, log=_say)
+    command = "lineas-fast " + " ".join(shlex.quote(a) for a in sys.argv[1:]) if sys.argv[1:] else None
+    paths = evaluate.write_comparison(result, args.out, command=command)
+    best = evaluate.best_at_budget(result)
+    _say("\nbest point per method with ΔPPL ≤ +10% and degenerate ≤ 5%:")
+    _say(report.format_table([{**r, "name": f"{r['label']} λ={r['strength']:g}"} for r in best]) if best
+         else "(none within budget)")
+    _say(f"comparison took {_secs(t0):.1f} s; wrote " + ", ".join(str(p) for p in paths))
     return 0
 
 
@@ -437,6 +502,7 @@ class _HelpFormatter(argparse.HelpFormatter):
 def build_parser() -> argparse.ArgumentParser:
     from ._version import __version__
     from .methods import LINEAS_DEFAULTS as D
+    from .methods import METHODS
 
     fmt = _HelpFormatter
     p = argparse.ArgumentParser(
@@ -484,7 +550,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="target prompts: 'wiki' (built-in fit slice, lines 0–31) or a file, as --source")
     f.add_argument("--out", required=True, metavar="FILE", help="steering file to write (.safetensors)")
     f.add_argument("--model", default=DEFAULT_MODEL, help="embedded model name or a local HF checkpoint folder")
-    f.add_argument("--method", default="lineas", choices=["lineas", "mean_act"], help="fitting method")
+    f.add_argument("--method", default="lineas", choices=list(METHODS),
+                   help="fitting method: LinEAS (end to end) or a per-site baseline of the AcT family / ActAdd")
     f.add_argument("--sites", nargs="+", default=None, metavar="SITE",
                    help=f"a preset (norms, post_norms, mlp_out, attn_out, mlp_hidden), a regex, or several module "
                         f"names (':k' = tuple output k, ':in' = input) [lineas default: {D['sites']}]")
@@ -505,6 +572,13 @@ def build_parser() -> argparse.ArgumentParser:
     f.add_argument("--max-length", type=int, default=None, metavar="T",
                    help=f"tokens per prompt [default: {D['max_length']}]")
     f.add_argument("--seed", type=int, default=None, metavar="N", help=f"random seed [default: {D['seed']}]")
+    f.add_argument("--support", default=None, metavar="q_LO_HI",
+                   help="AcT family: apply the map only strictly inside the source's LO–HI percentile range per "
+                        "neuron, e.g. q_0_100 (stored in the artifact; such maps cannot be folded or baked)")
+    f.add_argument("--incremental", action="store_true",
+                   help="AcT family: fit sites in model order with the earlier maps applied")
+    f.add_argument("--multiplier", type=float, default=None, metavar="M",
+                   help="actadd: scale of the mean difference [default: 1]")
     f.set_defaults(func=cmd_fit)
 
     g = sub.add_parser(
@@ -521,12 +595,32 @@ def build_parser() -> argparse.ArgumentParser:
 
     e = sub.add_parser(
         "eval", parents=[common], formatter_class=fmt,
-        help="protocol table for one steering vs unsteered",
-                       description="Evaluate a steering against the unsteered model by the protocol (toxic rate "
-                                   "with paired-bootstrap CI, mean toxicity, degenerate rate, WikiText-passage "
-                                   "PPL, fluency) at one or more strengths.")
-    e.add_argument("--steering", required=True, metavar="FILE", help="steering file (.safetensors)")
-    e.add_argument("--strengths", default="1", metavar="LIST", help="comma-separated strengths, e.g. 0,0.5,1")
+        help="protocol table for one steering vs unsteered, or a comparison of methods",
+                       description="Evaluate by the protocol (toxic rate with paired-bootstrap CI, mean toxicity, "
+                                   "degenerate rate, WikiText-passage PPL, fluency). With --steering: one "
+                                   "artifact against the unsteered model at one or more strengths. With "
+                                   "--methods: fit every method on the same fit slice, evaluate each over the "
+                                   "strength sweep on the same held-out prompts, and write a results folder "
+                                   "(table.md, results.json, tradeoff.png, loss_curve.png, sparsity.png); "
+                                   "rerunning with the same --out resumes an interrupted comparison.")
+    what = e.add_mutually_exclusive_group(required=True)
+    what.add_argument("--steering", metavar="FILE", help="steering file (.safetensors) to evaluate")
+    what.add_argument("--methods", metavar="LIST",
+                      help="comma-separated methods to fit and compare, e.g. "
+                           "lineas,linear_act,linear_act_incremental,mean_act,gaussian_ot,actadd")
+    e.add_argument("--strengths", default=None, metavar="LIST",
+                   help="comma-separated strengths [default: 1 with --steering, 0,0.25,0.5,0.75,1 with --methods]")
+    e.add_argument("--multipliers", default="2,4,8", metavar="LIST",
+                   help="--methods: ActAdd multipliers evaluated at strength 1, besides its strength sweep")
+    e.add_argument("--sparsity", action="append", default=[], metavar="l1=X[,group_l2=Y]",
+                   help="--methods: an extra LinEAS fit with these sparsity settings, evaluated at strength 1 "
+                        "(repeat for a λ sweep, e.g. --sparsity l1=0 --sparsity l1=30)")
+    e.add_argument("--steps", type=int, default=None, metavar="S",
+                   help=f"--methods: LinEAS steps [default: {D['steps']}]")
+    e.add_argument("--source", default="toxic", metavar="toxic|PATH",
+                   help="--methods: source prompts to fit on (default: the toxic fit slice)")
+    e.add_argument("--target", default="wiki", metavar="wiki|PATH",
+                   help="--methods: target prompts to fit on (default: the WikiText fit slice)")
     e.add_argument("--prompts", type=int, default=None, metavar="N",
                    help="use the first N prompts of the eval slice (default: all 300)")
     e.add_argument("--passages", type=int, default=None, metavar="N",
@@ -534,9 +628,10 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--prompt-set", default="toxic", metavar="toxic|PATH",
                    help="prompts to continue: 'toxic' (eval slice, rows 100–399) or a file")
     e.add_argument("--model", default=None,
-                   help="embedded model name or local folder (default: the model recorded in the steering file)")
+                   help="embedded model name or local folder (default: the model recorded in the steering "
+                        "file, or the embedded default with --methods)")
     e.add_argument("--out", default=None, metavar="DIR",
-                   help="also write results.json, table.md and tradeoff.png (toxic rate vs PPL) here")
+                   help="write results.json, table.md and plots here (required with --methods)")
     e.set_defaults(func=cmd_eval)
 
     b = sub.add_parser(

@@ -18,7 +18,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from .collect import model_device
+from ..collect import model_device
 
 _WORD = re.compile(r"[A-Za-z]+")
 
@@ -157,8 +157,8 @@ def evaluate_steering(model, tok, steering, strengths=(1.0,), prompts=None, pass
     Fluency of every row is measured under the unsteered model. Toxic-rate differences carry a paired
     bootstrap CI against the unsteered run.
     """
-    from .data import load_texts, wiki_passages
-    from .patching import steered
+    from ..data import load_texts, wiki_passages
+    from ..patching import steered
 
     prompts = prompts if prompts is not None else load_texts("toxic", "eval")
     passages = passages if passages is not None else wiki_passages(tok, "eval")
