@@ -1,0 +1,71 @@
+"""Custom ops (``torch.ops.lineas.*``): schemas, fake (meta) implementations, autograd, and the pure-torch
+fallback. Device kernels register themselves for the same names: C++ CPU kernels from ``csrc/`` (loaded
+with ``lineas_fast._C``), Triton kernels from ``lineas_fast.kernels`` for CUDA tensors. Semantics of the
+steering-table arguments: :mod:`lineas_fast.ops.reference`.
+
+* ``lineas::norm_affine(x, weight?, bias?, eps, kind, weight_offset, scale, shift, ids, strength, nrows)``
+  — LayerNorm (kind 0) / RMSNorm (kind 1, Gemma: weight_offset 1) followed by per-row steering.
+* ``lineas::norm_affine_backward(grad, x, ...same...) -> (grad_x, grad_scale, grad_shift)``.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from . import reference
+
+_ARGS = ("Tensor x, Tensor? weight, Tensor? bias, float eps, int kind, float weight_offset, Tensor scale, "
+         "Tensor shift, Tensor ids, Tensor strength, Tensor nrows")
+SCHEMAS = {
+    "norm_affine": f"({_ARGS}) -> Tensor",
+    "norm_affine_backward": f"(Tensor grad_out, {_ARGS}) -> (Tensor, Tensor, Tensor)",
+}
+
+_lib = torch.library.Library("lineas", "FRAGMENT")  # noqa: TOR901 — kept alive for the process
+for _name, _schema in SCHEMAS.items():
+    _lib.define(_name + _schema)
+
+
+@torch.library.impl("lineas::norm_affine", "CompositeExplicitAutograd", lib=_lib)
+def _norm_affine_torch(x, weight, bias, eps, kind, weight_offset, scale, shift, ids, strength, nrows):
+    return reference.norm_affine(x, weight, bias, eps, kind, weight_offset, scale, shift, ids, strength, nrows)
+
+
+@torch.library.impl("lineas::norm_affine_backward", "CompositeExplicitAutograd", lib=_lib)
+def _norm_affine_backward_torch(grad_out, x, weight, bias, eps, kind, weight_offset, scale, shift, ids, strength,
+                                nrows):
+    return reference.norm_affine_backward(grad_out, x, weight, bias, eps, kind, weight_offset, scale, shift, ids,
+                                          strength, nrows)
+
+
+@torch.library.register_fake("lineas::norm_affine", lib=_lib)
+def _norm_affine_fake(x, weight, bias, eps, kind, weight_offset, scale, shift, ids, strength, nrows):
+    return torch.empty_like(x, memory_format=torch.contiguous_format)
+
+
+@torch.library.register_fake("lineas::norm_affine_backward", lib=_lib)
+def _norm_affine_backward_fake(grad_out, x, weight, bias, eps, kind, weight_offset, scale, shift, ids, strength,
+                               nrows):
+    return (torch.empty_like(x, memory_format=torch.contiguous_format),
+            scale.new_empty(scale.shape, dtype=torch.float32), shift.new_empty(shift.shape, dtype=torch.float32))
+
+
+def _setup(ctx, inputs, output):
+    ctx.args = inputs
+    ctx.save_for_backward(*[t for t in inputs if isinstance(t, torch.Tensor)])
+
+
+def _backward(ctx, grad):
+    (x, weight, bias, eps, kind, offset, scale, shift, ids, strength, nrows) = ctx.args
+    gx, gs, gb = torch.ops.lineas.norm_affine_backward(grad.contiguous(), x, weight, bias, eps, kind, offset,
+                                                       scale, shift, ids, strength, nrows)
+    return (gx if ctx.needs_input_grad[0] else None, None, None, None, None, None,
+            gs.to(scale.dtype) if ctx.needs_input_grad[6] else None,
+            gb.to(shift.dtype) if ctx.needs_input_grad[7] else None, None, None, None)
+
+
+torch.library.register_autograd("lineas::norm_affine", _backward, setup_context=_setup, lib=_lib)
+
+norm_affine = torch.ops.lineas.norm_affine
+norm_affine_backward = torch.ops.lineas.norm_affine_backward
+__all__ = ["SCHEMAS", "norm_affine", "norm_affine_backward", "reference"]
