@@ -1,8 +1,9 @@
 """Backend registry facts: which implementations can run here, and why not (``lf.env_report()``).
 
 Resolution order per device (SPEC §4): CUDA extension → Triton → torch on GPU; C++ extension → torch
-on CPU. The fused apply mode that uses them arrives with the kernels work; ``env_report`` already
-tells what this machine could run.
+on CPU. The op dispatch does the resolution: the C++ extension registers CPU kernels, the Triton
+launchers are registered for CUDA tensors (:mod:`lineas_fast.ops`), and the pure-torch reference serves
+every other case. ``env_report`` tells what this machine can run and why not.
 """
 
 from __future__ import annotations
@@ -19,7 +20,12 @@ def _check_cpp() -> tuple[bool, str]:
         return False, f"C++ extension not built or not importable ({e}); rebuild with pip install --no-build-isolation -e ."
     import torch
 
-    return hasattr(torch.ops.lineas, "affine_rows"), "lineas_fast._C loaded (torch.ops.lineas.*)"
+    from . import ops  # noqa: F401  (defines the op schemas the extension implements)
+
+    missing = [op for op in ops.SCHEMAS if not torch._C._dispatch_has_kernel_for_dispatch_key(f"lineas::{op}", "CPU")]
+    if missing:
+        return False, f"lineas_fast._C loaded but has no CPU kernel for {missing}: rebuild the extension"
+    return True, "lineas_fast._C loaded: C++ CPU kernels for " + ", ".join(ops.SCHEMAS)
 
 
 def _check_cuda_ext() -> tuple[bool, str]:

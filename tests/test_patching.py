@@ -212,22 +212,6 @@ def test_other_instance_unaffected(arch, mode):
         assert no_hooks_left(other) == []
 
 
-def test_fused_is_refused_explicitly_and_default_works(arch):
-    model = make_model(arch)
-    st = random_steering(model, "norms")
-    snap, base = snapshot(model), logits(model)
-    if lf.patching.fused_available(model, {"x": st}) is None:
-        pytest.skip("fused runtime available in this build")
-    with pytest.raises(lf.SteeringError, match="fused"):
-        lf.steer_(model, st, mode="fused")
-    assert getattr(model, ATTR, None) is None and no_hooks_left(model) == []
-    assert_state_equal(model, snap)
-    h = lf.steer_(model, st)  # default mode: the best available, here hooks
-    assert h.mode == "hooks"
-    assert max_diff(logits(model), base) > STEERED_MIN
-    h.remove()
-
-
 def test_unknown_mode_refused():
     model = make_model("llama")
     with pytest.raises(lf.SteeringError, match="turbo"):

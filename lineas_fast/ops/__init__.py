@@ -69,3 +69,37 @@ torch.library.register_autograd("lineas::norm_affine", _backward, setup_context=
 norm_affine = torch.ops.lineas.norm_affine
 norm_affine_backward = torch.ops.lineas.norm_affine_backward
 __all__ = ["SCHEMAS", "norm_affine", "norm_affine_backward", "reference"]
+
+
+def _load_cpu_kernels() -> str | None:
+    """Load the C++ extension (its TORCH_LIBRARY_IMPL registrations give the ops CPU kernels); the
+    reason it is unavailable, or None."""
+    try:
+        from .. import _C  # noqa: F401
+    except ImportError as e:
+        return f"lineas_fast._C not importable ({e})"
+    return None
+
+
+CPU_KERNELS_MISSING = _load_cpu_kernels()
+
+
+def _load_gpu_kernels() -> str | None:
+    """Register the Triton launchers as the ops' CUDA implementation where a GPU and triton exist
+    (a CUDA-extension kernel, when built, takes precedence); the reason they are not, or None."""
+    if not torch.cuda.is_available():
+        return "no CUDA device"
+    from ..kernels import available
+
+    ok, why = available()
+    if not ok or "interpreter" in why:
+        return why
+    from ..kernels import norm_affine_bwd, norm_affine_fwd
+
+    for name, fn in (("norm_affine", norm_affine_fwd), ("norm_affine_backward", norm_affine_bwd)):
+        if not torch._C._dispatch_has_kernel_for_dispatch_key(f"lineas::{name}", "CUDA"):
+            _lib.impl(name, fn, "CUDA")
+    return None
+
+
+GPU_KERNELS_MISSING = _load_gpu_kernels()

@@ -39,8 +39,18 @@ def _refuse_clamped(steering: Steering, what: str) -> None:
 
 
 def fused_available(model, steerings: dict) -> str | None:
-    """None if the fused runtime covers these sites, else why not."""
-    return "the fused runtime (Triton/CUDA/C++ kernels) is not part of this build yet"
+    """None if the fused runtime covers every site of these steerings, else why not (first site)."""
+    from .fused import plan_fused
+
+    sites = list(dict.fromkeys(s for st in steerings.values() for s in st.sites))
+    try:
+        _, left = plan_fused(model, steerings, sites)
+    except (AttributeError, SteeringError) as e:
+        return str(e)
+    if left:
+        site = next(iter(left))
+        return f"site {site!r}: {left[site]}" + (f" (+{len(left) - 1} more)" if len(left) > 1 else "")
+    return None
 
 
 def steer_(model, steering, strength=1.0, mode: str | None = None) -> SteerHandle:
@@ -61,10 +71,6 @@ def steer_(model, steering, strength=1.0, mode: str | None = None) -> SteerHandl
         mode = "fused" if fused_available(model, steerings) is None else "hooks"
     if mode not in MODES:
         raise SteeringError(f"mode={mode!r}: expected one of {MODES}")
-    if mode == "fused":
-        why = fused_available(model, steerings)
-        if why:
-            raise SteeringError(f"mode='fused' is unavailable: {why}; use mode='hooks' or mode='fold'")
     if mode == "fold" and len(steerings) > 1:
         raise SteeringError("mode='fold' applies one steering at a fixed strength: use mode='hooks' to route several")
     for name, st in steerings.items():

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import warnings
+
 import torch
 
 from ..errors import SteeringError
 from .fold import fold_into
+from .fused import FusedPatch, plan_fused
 from .hooks import install_hooks
 from .tables import SteeringTables
 
@@ -23,12 +26,22 @@ class SteerHandle:
         self.model, self.steerings, self.mode = model, steerings, mode
         self.names = list(steerings)
         self.sites = list(dict.fromkeys(s for st in steerings.values() for s in st.sites))
-        self._hooks, self._editor, self._strength = [], None, None
-        if mode == "hooks":
+        self._hooks, self._editor, self._strength, self._fused = [], None, None, None
+        if mode in ("hooks", "fused"):
             devices = {s: _site_device(model, s) for s in self.sites}
             self.tables = SteeringTables(steerings, self.sites, devices)
+            hooked = self.sites
+            if mode == "fused":
+                fused, left = plan_fused(model, steerings, self.sites)
+                if left:
+                    names = list(left)
+                    warnings.warn(f"mode='fused' covers {len(fused)} of {len(self.sites)} sites; hooks serve "
+                                  f"{names[:2]}{' +%d more' % (len(names) - 2) if len(names) > 2 else ''} "
+                                  f"({left[names[0]]})", stacklevel=3)
+                self._fused = FusedPatch(model, fused, self.tables)
+                hooked = list(left)
             self._set_initial(strength)
-            self._hooks = install_hooks(model, self.sites, self.tables)
+            self._hooks = install_hooks(model, hooked, self.tables)
         else:  # fold: one steering at one fixed strength
             st = steerings[self.names[0]]
             self._strength = float(strength)
@@ -40,7 +53,7 @@ class SteerHandle:
         if len(self.names) == 1:
             self._apply_strength(strength)
         else:  # several steerings: rows stay unsteered until route() names them
-            self.tables.set_rows(torch.full((1,), -1), torch.zeros(1))
+            self._set_rows(torch.full((1,), -1), torch.zeros(1))
 
     def _apply_strength(self, strength) -> None:
         s = _as_strength(strength)
@@ -52,7 +65,12 @@ class SteerHandle:
             ids = ids.expand(s.numel()).clone() if ids.numel() == 1 else ids
         elif ids.numel() > 1:
             s = s.expand(ids.numel()).clone()
-        self.tables.set_rows(ids, s)
+        self._set_rows(ids, s)
+
+    def _set_rows(self, ids: torch.Tensor, strength: torch.Tensor) -> None:
+        self.tables.set_rows(ids, strength)
+        if self._fused is not None:
+            self._fused.set_rows(self.tables.ids, self.tables.strength)
 
     def set_strength(self, strength) -> None:
         """A float (every row) or a tensor ``[batch]`` (per row). Routing names are kept."""
@@ -82,7 +100,7 @@ class SteerHandle:
         if s.numel() not in (1, len(names)):
             raise SteeringError(f"route(): {len(names)} names but {s.numel()} strengths")
         ids = torch.tensor([-1 if n is None else self.names.index(n) for n in names])
-        self.tables.set_rows(ids, s.expand(len(names)).clone())
+        self._set_rows(ids, s.expand(len(names)).clone())
 
     @property
     def strength(self):
@@ -96,6 +114,9 @@ class SteerHandle:
         for h in self._hooks:
             h.remove()
         self._hooks = []
+        if self._fused is not None:
+            self._fused.remove()
+            self._fused = None
         if self._editor is not None:
             self._editor.restore()
             self._editor = None

@@ -1,0 +1,156 @@
+"""The ``fused`` apply mode: each steered normalisation module is replaced, on this instance only, by a
+:class:`FusedNorm` that computes norm + steering in one op (``lineas::norm_affine``, SPEC §4).
+
+No forward hooks are installed for fused sites. The steering tables (``[K, d]`` per site) and the
+routing table (``ids``/``strength`` of a fixed capacity + ``nrows``) are buffers that ``set_strength`` and
+``route`` only ``copy_`` into, so their storage never changes and a ``torch.compile``d model (or a
+CUDA graph) stays valid. The replacement shares the original's weight/bias Parameters (same
+``state_dict`` keys and tensors; its own buffers are non-persistent), and ``remove()`` puts the original
+module object back.
+
+Sites the fused runtime does not cover (non-norm sites until ``steered_linear`` lands, support-clamped
+maps, unknown norm classes) fall back to hooks, with one warning line naming them.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from ..errors import SteeringError
+from ..sites import Site, family
+
+ROUTING_CAPACITY = 64  # routing rows preallocated (a larger route() reallocates: one recompile)
+
+
+def norm_spec(model, spec: str):
+    """``(kind, eps, weight_offset)`` if ``spec`` is the output of a norm module the op covers, else None."""
+    from ..ops.reference import LAYERNORM, RMSNORM
+
+    site = Site.parse(spec)
+    if site.is_input or site.index is not None:
+        return None
+    module = model.get_submodule(site.module)
+    cls = type(module).__name__.lower()
+    weight = getattr(module, "weight", None)
+    if weight is not None and not isinstance(weight, nn.Parameter):
+        return None
+    if isinstance(module, nn.LayerNorm):
+        if len(module.normalized_shape) != 1:
+            return None
+        return LAYERNORM, float(module.eps), 0.0
+    if "rmsnorm" in cls and weight is not None and weight.dim() == 1:
+        eps = getattr(module, "variance_epsilon", getattr(module, "eps", None))
+        if eps is None:
+            eps = torch.finfo(weight.dtype).eps
+        fam = family(model)
+        return RMSNORM, float(eps), (fam.norm_offset if fam else 0.0)
+    return None
+
+
+def plan_fused(model, steerings: dict, sites: list[str]) -> tuple[list[str], dict[str, str]]:
+    """Split sites into fused ones and ``{site: why not}`` for those left to hooks."""
+    fused, left = [], {}
+    for spec in sites:
+        if any(spec in st.support for st in steerings.values()):
+            left[spec] = "support-clamped map"
+        elif norm_spec(model, spec) is None:
+            left[spec] = "not a LayerNorm/RMSNorm output"
+        else:
+            fused.append(spec)
+    return fused, left
+
+
+class Routing:
+    """Device-side routing buffers of fixed capacity (``ids``, ``strength``, ``nrows``); updated in place."""
+
+    def __init__(self, device, capacity: int = ROUTING_CAPACITY):
+        self.device = device
+        self.ids = torch.full((capacity,), -1, dtype=torch.long, device=device)
+        self.strength = torch.zeros(capacity, device=device)
+        self.nrows = torch.ones(1, dtype=torch.long, device=device)
+        self.rows = 1
+        self.grew = False
+
+    def set(self, ids: torch.Tensor, strength: torch.Tensor) -> None:
+        r = ids.numel()
+        if r > self.ids.numel():  # new storage: compiled graphs holding the old buffers must re-trace
+            self.ids = torch.full((r,), -1, dtype=torch.long, device=self.device)
+            self.strength = torch.zeros(r, device=self.device)
+            self.grew = True
+        self.ids[:r].copy_(ids, non_blocking=True)
+        self.strength[:r].copy_(strength, non_blocking=True)
+        self.nrows.fill_(r)
+        self.rows = r
+
+    def check(self, batch: int) -> None:
+        if self.rows != 1 and batch % self.rows:
+            raise SteeringError(f"batch of {batch} rows does not match the {self.rows} rows given to "
+                                f"route()/set_strength() (nor a multiple of it)")
+
+
+class FusedNorm(nn.Module):
+    """Stands in for one norm module: ``norm_affine(x, weight, bias, ...)`` with the live tables."""
+
+    def __init__(self, original: nn.Module, kind: int, eps: float, offset: float, scale: torch.Tensor,
+                 shift: torch.Tensor, routing: Routing, fn):
+        super().__init__()
+        self.weight = getattr(original, "weight", None)
+        self.bias = getattr(original, "bias", None) if isinstance(getattr(original, "bias", None), nn.Parameter) \
+            else None
+        object.__setattr__(self, "original", original)  # not a submodule: state_dict keys stay the same
+        self.kind, self.eps, self.offset = kind, eps, offset
+        self.register_buffer("table_scale", scale, persistent=False)
+        self.register_buffer("table_shift", shift, persistent=False)
+        self.routing = routing
+        self.fn = fn
+        self.training = original.training
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        r = self.routing
+        if not torch.compiler.is_compiling():
+            r.check(x.shape[0])
+        return self.fn(x, self.weight, self.bias, self.eps, self.kind, self.offset, self.table_scale,
+                       self.table_shift, r.ids, r.strength, r.nrows)
+
+    def __getattr__(self, name: str):
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            return getattr(object.__getattribute__(self, "original"), name)
+
+    def extra_repr(self) -> str:
+        return f"fused {type(self.original).__name__}, kind={self.kind}, eps={self.eps}, offset={self.offset}"
+
+
+def _parent(model, name: str) -> tuple[nn.Module, str]:
+    parent, _, child = name.rpartition(".")
+    return (model.get_submodule(parent) if parent else model), child
+
+
+class FusedPatch:
+    """Installs :class:`FusedNorm` replacements and keeps the originals for exact removal."""
+
+    def __init__(self, model, sites: list[str], tables, fn=None):
+        from .. import ops
+
+        self.model, self.originals, self.routings = model, {}, {}
+        fn = fn or ops.norm_affine
+        for spec in sites:
+            kind, eps, offset = norm_spec(model, spec)
+            module = model.get_submodule(spec)
+            device = tables.scale[spec].device
+            routing = self.routings.setdefault(device, Routing(device))
+            parent, child = _parent(model, spec)
+            self.originals[spec] = (parent, child, module)
+            setattr(parent, child, FusedNorm(module, kind, eps, offset, tables.scale[spec], tables.shift[spec],
+                                             routing, fn))
+
+    def set_rows(self, ids: torch.Tensor, strength: torch.Tensor) -> None:
+        for routing in self.routings.values():
+            routing.set(ids, strength)
+
+    def remove(self) -> None:
+        for parent, child, module in self.originals.values():
+            setattr(parent, child, module)
+        self.originals = {}
