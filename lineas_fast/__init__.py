@@ -20,7 +20,7 @@ from . import evaluate
 from .patching import bake, steer_, steered
 from .patching.handle import SteerHandle
 from .sites import resolve_sites
-from .steering import Steering
+from .steering import Steering, compose
 
-__all__ = ["Steering", "SteerHandle", "SteeringError", "__version__", "bake", "collect", "data", "env_report",
+__all__ = ["Steering", "SteerHandle", "SteeringError", "__version__", "bake", "collect", "compose", "data", "env_report",
            "evaluate", "fit", "load_model", "resolve_sites", "steer_", "steered"]

@@ -167,3 +167,39 @@ class Steering:
             s, (mine, theirs) = next(iter(bad.items()))
             raise SteeringError(f"width mismatch at site {s!r}: steering has {mine}, model has {theirs}"
                                 + (f" (+{len(bad) - 1} more sites)" if len(bad) > 1 else ""))
+
+
+def compose(*steerings: Steering) -> Steering:
+    """One Steering equal to applying ``steerings`` in order (each at strength 1).
+
+    Per site, ``st1`` then ``st2`` is ``h ← ω2⊙(ω1⊙h + b1) + b2``: one table entry with ``ω = ω2⊙ω1``,
+    ``b = ω2⊙b1 + b2``; a site only one of them steers keeps that map. At strength λ the result
+    interpolates the *composed* map (not each map at λ). Support-clamped maps do not compose into one
+    affine map and are refused, as are steerings for different models or widths.
+    """
+    if len(steerings) < 1 or not all(isinstance(st, Steering) for st in steerings):
+        raise SteeringError("compose() takes one or more Steering objects")
+    first = steerings[0]
+    for k, st in enumerate(steerings):
+        if st.clamped:
+            raise SteeringError(f"compose(): steering {k} has support-clamped sites {st.clamped[:3]}: not affine")
+        if st.meta["model_type"] != first.meta["model_type"]:
+            raise SteeringError(f"compose(): steering {k} is for model_type {st.meta['model_type']!r}, "
+                                f"steering 0 for {first.meta['model_type']!r}")
+    scale: dict = {}
+    shift: dict = {}
+    for k, st in enumerate(steerings):
+        for site in st.sites:
+            w, b = st.scale[site], st.shift[site]
+            if site in scale:
+                if scale[site].shape != w.shape:
+                    raise SteeringError(f"compose(): site {site!r} has width {w.numel()} in steering {k}, "
+                                        f"{scale[site].numel()} before")
+                scale[site], shift[site] = w * scale[site], w * shift[site] + b
+            else:
+                scale[site], shift[site] = w.clone(), b.clone()
+    meta = {"method": "composed", "model_type": first.meta["model_type"], "model_class": first.meta["model_class"],
+            "name_or_path": first.meta["name_or_path"],
+            "hyperparams": {"parts": [{"method": st.meta["method"], "hyperparams": st.meta["hyperparams"]}
+                                      for st in steerings]}}
+    return Steering(scale, shift, meta)

@@ -264,3 +264,43 @@ def test_model_type_empty_is_not_checked_but_sites_are():
     wrong = lf.Steering({"model.layers.0.nope": torch.ones(32)}, {"model.layers.0.nope": torch.zeros(32)})
     with pytest.raises(lf.SteeringError, match="nope"):
         lf.steer_(model, wrong)
+
+
+# ---------------------------------------------------------------- compose
+def test_compose_equals_applying_in_order():
+    model = make_model("llama")
+    norms = lf.resolve_sites(model, "norms")
+    st1 = random_steering(model, norms[:3], seed=1)
+    st2 = random_steering(model, norms[1:], seed=2)
+    both = lf.compose(st1, st2)
+    assert both.sites == norms and both.meta["method"] == "composed"
+    s = norms[1]
+    torch.testing.assert_close(both.scale[s], st2.scale[s] * st1.scale[s])
+    torch.testing.assert_close(both.shift[s], st2.scale[s] * st1.shift[s] + st2.shift[s])
+    assert torch.equal(both.scale[norms[0]], st1.scale[norms[0]])
+    assert torch.equal(both.scale[norms[-1]], st2.scale[norms[-1]])
+    # on the model: hooks of st1 then st2 at each site == the composed map
+    with lf.steered(model, both, mode="hooks"):
+        want = logits(model)
+    h1 = lf.steer_(model, st1, mode="hooks")
+    from lineas_fast.patching.hooks import install_hooks
+    from lineas_fast.patching.tables import SteeringTables
+
+    tables = SteeringTables({"x": st2}, st2.sites, {x: torch.device("cpu") for x in st2.sites})
+    extra = install_hooks(model, st2.sites, tables)  # registered after st1's hooks: runs second
+    got = logits(model)
+    for e in extra:
+        e.remove()
+    h1.remove()
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+
+
+def test_compose_refuses_clamped_and_foreign():
+    model = make_model("llama")
+    st = random_steering(model, "norms")
+    clamped = lf.Steering(st.scale, st.shift, st.meta, {st.sites[0]: (st.shift[st.sites[0]] - 1, st.shift[st.sites[0]] + 1)})
+    with pytest.raises(lf.SteeringError, match="support-clamped"):
+        lf.compose(st, clamped)
+    other = random_steering(make_model("gpt2"), "norms")
+    with pytest.raises(lf.SteeringError, match="model_type"):
+        lf.compose(st, other)
