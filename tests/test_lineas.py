@@ -327,3 +327,22 @@ def test_nan_model_refused_for_both_methods(tok):
             lf.fit(model, tok, SOURCE, TARGET, method=method, **kw)
     assert no_hooks_left(model) == []
     assert list(model.state_dict()) == list(snap)
+
+
+# ---------------------------------------------------------------- training through the fused op
+@pytest.mark.parametrize("arch", ["llama", "gpt2", "gemma2"])
+def test_fused_training_matches_eager(arch, tok):
+    model = make_model(arch)
+    snap = snapshot(model)
+    eager = fit(model, tok, fused=False, steps=6, l1=0.5)
+    fused = fit(model, tok, fused=True, steps=6, l1=0.5)
+    np_e, np_f = eager.meta["train"]["loss"], fused.meta["train"]["loss"]
+    assert all(abs(a - b) <= 1e-4 * max(1.0, abs(a)) for a, b in zip(np_e, np_f)), (np_e, np_f)
+    for s in eager.sites:
+        torch.testing.assert_close(fused.scale[s], eager.scale[s], atol=1e-4, rtol=1e-4)
+        torch.testing.assert_close(fused.shift[s], eager.shift[s], atol=1e-4, rtol=1e-4)
+    assert_state_equal(model, snap)
+    assert no_hooks_left(model) == []
+    from lineas_fast.patching.fused import FusedNorm
+
+    assert not any(isinstance(m, FusedNorm) for m in model.modules())

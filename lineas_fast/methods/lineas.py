@@ -51,11 +51,53 @@ class _FrozenModel:
         self.model.train(self.training)
 
 
+class _TrainedNorms:
+    """Context: norm sites run the fused ``lineas::norm_affine`` op with (ω, b) as its one-entry table,
+    so forward and backward of norm + steering are one kernel each (C++ on CPU, Triton on GPU) instead
+    of the eager norm followed by the affine map. ``fused=None`` uses it where the op has a native kernel
+    for the model's device; other sites keep the plain affine map in the tap."""
+
+    def __init__(self, model, sites, slices, fused):
+        from ..patching.fused import plan_fused
+
+        self.model, self.slices, self.patch = model, slices, None
+        if fused is None:
+            fused = _native_norm_kernel(model_device(model))
+        self.fused = plan_fused(model, {}, sites)[0] if fused else []
+
+    def __enter__(self):
+        from ..patching.fused import FusedPatch
+
+        if self.fused:
+            dev = model_device(self.model)
+            dummy = {s: torch.ones(1, self.slices[s].stop - self.slices[s].start, device=dev) for s in self.fused}
+            tables = type("T", (), {"scale": dummy, "shift": dummy})
+            self.patch = FusedPatch(self.model, self.fused, tables)
+            self.patch.set_rows(torch.zeros(1, dtype=torch.long), torch.ones(1))
+        return self
+
+    def bind(self, omega, shift) -> None:
+        for s in self.fused:
+            m = self.model.get_submodule(s)
+            m.table_scale, m.table_shift = omega[self.slices[s]][None], shift[self.slices[s]][None]
+
+    def __exit__(self, *exc):
+        if self.patch is not None:
+            self.patch.remove()
+
+
+def _native_norm_kernel(device) -> bool:
+    from .. import ops
+
+    key = "CUDA" if device.type == "cuda" else "CPU"
+    return torch._C._dispatch_has_kernel_for_dispatch_key("lineas::norm_affine", key)
+
+
 def fit_lineas(model, tok, source, target, *, sites=DEFAULTS["sites"], pooling=DEFAULTS["pooling"],
                steps=DEFAULTS["steps"], lr=DEFAULTS["lr"], l1=DEFAULTS["l1"], group_l2=DEFAULTS["group_l2"],
                batch_size=DEFAULTS["batch_size"], normalize=DEFAULTS["normalize"],
                optimizer=DEFAULTS["optimizer"], max_length=DEFAULTS["max_length"], seed=DEFAULTS["seed"],
-               micro_batch: int = 8, progress: bool = True) -> Steering:
+               micro_batch: int = 8, fused: bool | None = None, progress: bool = True) -> Steering:
     """Fit LinEAS maps; see :func:`lineas_fast.fit` for the arguments."""
     source, target = check_prompt_sets(source, target)
     if pooling not in POOLINGS:
@@ -99,14 +141,19 @@ def fit_lineas(model, tok, source, target, *, sites=DEFAULTS["sites"], pooling=D
     box = {}
 
     def steer_and_pool(spec, h):
+        if spec in trained.fused:  # the fused norm already applied (ω, b): only pool
+            pooled[spec].append(pool(h.float(), box["mask"], pooling))
+            return None
         sl = slices[spec]
         out = (h.float() * omega[sl] + shift[sl])
         pooled[spec].append(pool(out, box["mask"], pooling))
         return out.to(h.dtype)
 
     bar = tqdm(range(steps), desc="LinEAS", disable=not progress)
-    with _FrozenModel(model), tap(model, site_list, steer_and_pool) as seen:
+    trained = _TrainedNorms(model, site_list, slices, fused)
+    with _FrozenModel(model), trained, tap(model, site_list, steer_and_pool) as seen:
         for _ in bar:
+            trained.bind(omega, shift)  # fresh views of the parameters: one autograd graph per step
             for ids, mask in (full_batches or _batches(torch.randperm(n, generator=gen)[:batch_size].tolist())):
                 box["mask"] = mask
                 run_to_sites(model, ids, mask, seen)
