@@ -1,0 +1,155 @@
+"""CPU benchmark: the C++ ``lineas::norm_affine`` kernel vs eager PyTorch ``norm -> affine``.
+
+For x of shape [1024, 576] and [4096, 2048] (2-D: every row is its own batch item), fp32 and bf16, and
+both norms, it times side by side (A/B interleaved, each sample a loop of calls, median of --repeats):
+
+* ``op``     — ``torch.ops.lineas.norm_affine`` (C++ CPU kernel; fails if the extension is not built);
+* ``eager``  — what a user writes without the fused op: HF-style RMSNorm (``x.float()``,
+  ``pow(2).mean(-1, keepdim=True)``, ``rsqrt``, multiply, cast back, ``weight *``) or
+  ``F.layer_norm``, then the per-row steering ``reference.steer_rows`` (table lookup + ``y*a + c`` in
+  fp32, cast back) — the library's own pure-torch fallback path;
+* ``lean``   — the same norm, then ``(y.float()*a + c).to(dtype)`` with a, c precomputed outside the
+  timed loop (the most favourable eager variant: a fixed steering, nothing looked up per call);
+* backward: ``lineas::norm_affine_backward`` vs ``torch.autograd.grad`` through ``reference.norm_affine``
+  (graph built once, only the backward pass timed).
+
+Ratios > 1 mean the C++ op is faster. Routing: one steering at strength 1 broadcast to every row
+(R = 1, the common case), or ``--routing rows`` (R = B, ids cycling over 0, 1, -1, strengths varying).
+
+glibc's allocator makes large-tensor timings bimodal unless MALLOC_MMAP_THRESHOLD_ /
+MALLOC_TRIM_THRESHOLD_ are set before the process starts; the script re-executes itself with both set
+to 1073741824 when they are missing. Command used for benchmarks/results/norm_affine_cpu.md:
+
+    MALLOC_MMAP_THRESHOLD_=1073741824 MALLOC_TRIM_THRESHOLD_=1073741824 \\
+        python benchmarks/bench_norm_affine.py --threads 1 --repeats 15
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+import time
+
+MALLOC = {"MALLOC_MMAP_THRESHOLD_": "1073741824", "MALLOC_TRIM_THRESHOLD_": "1073741824"}
+if any(os.environ.get(k) != v for k, v in MALLOC.items()):  # must be set before the process starts
+    os.execve(sys.executable, [sys.executable, *sys.argv], {**os.environ, **MALLOC})
+
+import lineas_fast._C  # noqa: F401  (registers the CPU kernels; fails here if the extension is not built)
+import torch
+import torch.nn.functional as F
+
+from lineas_fast.ops import reference as ref  # also defines the op schemas and autograd
+
+SHAPES = [(1024, 576), (4096, 2048)]
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+KINDS = {"LayerNorm": ref.LAYERNORM, "RMSNorm": ref.RMSNORM}
+EPS = 1e-5
+
+
+def make(shape, dtype, kind, routing, seed=0):
+    """Input, op args (weight/bias in x's dtype, as a model holds them) and precomputed (a, c)."""
+    g = torch.Generator().manual_seed(seed)
+    B, d = shape
+    x = torch.randn(shape, generator=g).to(dtype)
+    w = (1 + 0.1 * torch.randn(d, generator=g)).to(dtype)
+    b = (0.1 * torch.randn(d, generator=g)).to(dtype) if kind == ref.LAYERNORM else None
+    K = 2
+    scale, shift = 1 + 0.2 * torch.randn(K, d, generator=g), 0.1 * torch.randn(K, d, generator=g)
+    if routing == "broadcast":
+        ids, strength, nrows = torch.tensor([0]), torch.tensor([1.0]), torch.tensor([1])
+    else:
+        ids = torch.tensor([0, 1, -1]).repeat(B // 3 + 1)[:B]
+        strength, nrows = torch.linspace(0.2, 1.5, B), torch.tensor([B])
+    args = (x, w, b, EPS, kind, 0.0, scale, shift, ids, strength, nrows)
+    a, c = ref.row_coefficients(B, x.device, scale, shift, ids, strength, nrows)
+    ac = (a[0], c[0]) if routing == "broadcast" else (a, c)  # [d] broadcast or one row per item
+    return args, ac
+
+
+def eager_norm(x, w, b, kind):
+    if kind == ref.LAYERNORM:
+        return F.layer_norm(x, x.shape[-1:], w, b, EPS)
+    h = x.float()  # transformers' LlamaRMSNorm.forward
+    h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + EPS)
+    return w * h.to(x.dtype)
+
+
+def candidates(args, ac):
+    x, w, b, _, kind, _, scale, shift, ids, strength, nrows = args
+    a, c = ac
+    op = torch.ops.lineas.norm_affine
+    return {
+        "op": lambda: op(*args),
+        "eager": lambda: ref.steer_rows(eager_norm(x, w, b, kind), scale, shift, ids, strength, nrows),
+        "lean": lambda: (eager_norm(x, w, b, kind).float() * a + c).to(x.dtype),
+    }
+
+
+def backward_candidates(args):
+    x, w, b, eps, kind, off, scale, shift, ids, strength, nrows = args
+    go = torch.randn_like(x)
+    xr, sr, hr = x.clone().requires_grad_(), scale.clone().requires_grad_(), shift.clone().requires_grad_()
+    out = ref.norm_affine(xr, w, b, eps, kind, off, sr, hr, ids, strength, nrows)
+    bop = torch.ops.lineas.norm_affine_backward
+    return {
+        "op": lambda: bop(go, *args),
+        "eager": lambda: torch.autograd.grad(out, (xr, sr, hr), go, retain_graph=True),
+    }
+
+
+def calibrate(fn, target_s):
+    """Calls per sample so that one sample takes about target_s."""
+    fn()
+    t = time.perf_counter()
+    fn()
+    one = max(time.perf_counter() - t, 1e-6)
+    return max(1, int(target_s / one))
+
+
+def interleaved(fns: dict, repeats: int, target_s: float) -> dict:
+    """Median seconds per call of each candidate, samples taken in rotation (A, B, C, A, B, C, ...)."""
+    inner = {k: calibrate(f, target_s) for k, f in fns.items()}
+    samples = {k: [] for k in fns}
+    for _ in range(repeats):
+        for k, f in fns.items():
+            t = time.perf_counter()
+            for _ in range(inner[k]):
+                f()
+            samples[k].append((time.perf_counter() - t) / inner[k])
+    return {k: statistics.median(v) for k, v in samples.items()}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--repeats", type=int, default=15, help="samples per candidate (median reported)")
+    ap.add_argument("--threads", type=int, default=1, help="torch / OpenMP threads (default 1)")
+    ap.add_argument("--routing", choices=["broadcast", "rows"], default="broadcast")
+    ap.add_argument("--sample-ms", type=float, default=20.0, help="target duration of one sample")
+    ap.add_argument("--no-backward", action="store_true")
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    assert torch._C._dispatch_has_kernel_for_dispatch_key("lineas::norm_affine", "CPU")
+    print(f"torch {torch.__version__}, threads {torch.get_num_threads()}, routing {args.routing}, "
+          f"repeats {args.repeats}, CPU capability {torch.backends.cpu.get_cpu_capability()}\n")
+    print("| pass | shape | dtype | norm | op (µs) | eager (µs) | eager / op | lean (µs) | lean / op |")
+    print("|---|---|---|---|---:|---:|---:|---:|---:|")
+    for shape in SHAPES:
+        for dname, dtype in DTYPES.items():
+            for kname, kind in KINDS.items():
+                op_args, ac = make(shape, dtype, kind, args.routing)
+                with torch.no_grad():
+                    t = interleaved(candidates(op_args, ac), args.repeats, args.sample_ms / 1e3)
+                print(f"| fwd | {shape[0]}×{shape[1]} | {dname} | {kname} | {t['op'] * 1e6:.0f} | "
+                      f"{t['eager'] * 1e6:.0f} | **{t['eager'] / t['op']:.2f}×** | {t['lean'] * 1e6:.0f} | "
+                      f"{t['lean'] / t['op']:.2f}× |", flush=True)
+                if args.no_backward:
+                    continue
+                t = interleaved(backward_candidates(op_args), args.repeats, args.sample_ms / 1e3)
+                print(f"| bwd | {shape[0]}×{shape[1]} | {dname} | {kname} | {t['op'] * 1e6:.0f} | "
+                      f"{t['eager'] * 1e6:.0f} | **{t['eager'] / t['op']:.2f}×** | – | – |", flush=True)
+
+
+if __name__ == "__main__":
+    main()
