@@ -348,6 +348,41 @@ def _sparsity_arg(text: str) -> dict:
     return grid
 
 
+def _value(text: str):
+    low = text.strip().lower()
+    if low in ("true", "false"):
+        return low == "true"
+    if low == "none":
+        return None
+    for cast in (int, float):
+        try:
+            return cast(text)
+        except ValueError:
+            pass
+    return text.strip()
+
+
+def _variant_arg(text: str, methods) -> tuple:
+    """``LABEL=METHOD[:key=value,...]`` → ``(label, method, kwargs)``."""
+    label, _, rest = text.partition("=")
+    method, _, opts = rest.partition(":")
+    label, method = label.strip(), method.strip()
+    if not label or method not in methods:
+        raise SteeringError(f"--variant {text!r}: expected LABEL=METHOD[:key=value,...] with METHOD one of "
+                            f"{', '.join(methods)}")
+    kwargs = {}
+    for part in filter(None, (x.strip() for x in opts.split(","))):
+        key, eq, val = part.partition("=")
+        if not eq:
+            raise SteeringError(f"--variant {text!r}: {part!r} is not key=value")
+        kwargs[key.strip()] = _value(val)
+    accepted = inspect.signature(methods[method]).parameters
+    wrong = [k for k in kwargs if k not in accepted]
+    if wrong:
+        raise SteeringError(f"--variant {text!r}: {wrong[0]!r} is not an option of method {method}")
+    return label, method, kwargs
+
+
 def cmd_compare(args) -> int:
     """``eval --methods``: the method comparison, written as a results folder."""
     import shlex
@@ -357,6 +392,11 @@ def cmd_compare(args) -> int:
     from .methods import METHODS
 
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    variants = [_variant_arg(v, METHODS) for v in args.variant]
+    extra = {}
+    for text in args.method_strengths:
+        label, _, values = text.partition("=")
+        extra[label.strip()] = _strengths(values)
     unknown = [m for m in methods if m not in METHODS]
     if unknown or not methods:
         raise SteeringError(f"--methods: unknown method(s) {unknown} (available: {', '.join(METHODS)})")
@@ -381,7 +421,7 @@ def cmd_compare(args) -> int:
          f"{strengths} on {len(prompts)} prompts and {len(passages)} passages"
          + (f"; LinEAS sparsity sweep {sparsity}" if sparsity else ""))
     t0 = time.perf_counter()
-    result = evaluate.compare(methods, strengths, model=model, tok=tok, source=src, target=tgt, prompts=prompts,
+    result = evaluate.compare(methods + variants, strengths, extra_strengths=extra, model=model, tok=tok, source=src, target=tgt, prompts=prompts,
                               passages=passages, fit_kwargs=fit_kwargs, multipliers=multipliers,
                               sparsity=sparsity, out_dir=args.out, progress=True, log=_say)
     command = "lineas-fast " + " ".join(shlex.quote(a) for a in sys.argv[1:]) if sys.argv[1:] else None
@@ -617,6 +657,11 @@ def build_parser() -> argparse.ArgumentParser:
                         "(repeat for a λ sweep, e.g. --sparsity l1=0 --sparsity l1=30)")
     e.add_argument("--steps", type=int, default=None, metavar="S",
                    help=f"--methods: LinEAS steps [default: {D['steps']}]")
+    e.add_argument("--variant", action="append", default=[], metavar="LABEL=METHOD[:key=value,...]",
+                   help="--methods: one more fit to compare under its own label, e.g. "
+                        "linear_act_q=linear_act:support=q_0_100 or lineas_mean=lineas:pooling=mean (repeatable)")
+    e.add_argument("--method-strengths", action="append", default=[], metavar="LABEL=LIST",
+                   help="--methods: extra strengths for one method, e.g. linear_act=0.05,0.1 (repeatable)")
     e.add_argument("--source", default="toxic", metavar="toxic|PATH",
                    help="--methods: source prompts to fit on (default: the toxic fit slice)")
     e.add_argument("--target", default="wiki", metavar="wiki|PATH",

@@ -166,3 +166,18 @@ def test_fit_cli_offers_every_method():
     fit = build_parser()._subparsers._group_actions[0].choices["fit"]
     method = next(a for a in fit._actions if a.dest == "method")
     assert list(method.choices) == list(METHODS)
+
+
+def test_cli_variants_and_extra_strengths(capsys, tmp_path, tiny_dir):
+    out = tmp_path / "res"
+    argv = ["eval", "--model", str(tiny_dir), "--methods", "mean_act", "--strengths", "0,1",
+            "--variant", "mean_q=mean_act:support=q_0_100,pooling=last", "--method-strengths", "mean_q=0.5",
+            "--prompts", "2", "--passages", "1", "--out", str(out)]
+    assert main(argv) == 0
+    md = (out / "table.md").read_text()
+    assert "mean_q λ=0.5" in md and "mean_q λ=1" in md and "mean_act λ=0.5" not in md
+    st = lf.Steering.load(out / "steerings" / "mean_q.safetensors")
+    assert st.clamped and st.meta["hyperparams"]["pooling"] == "last"
+    capsys.readouterr()
+    assert main(argv[:-2] + ["--variant", "x=mean_act:steps=3", "--out", str(out)]) == 2
+    assert "'steps' is not an option" in capsys.readouterr().err

@@ -98,7 +98,8 @@ class _Store:
 
 def compare(methods=DEFAULT_METHODS, strengths=STRENGTHS, *, model=None, tok=None, source=None, target=None,
             prompts=None, passages=None, fit_kwargs: dict | None = None, multipliers=MULTIPLIERS,
-            sparsity=None, sparsity_strengths=(1.0,), out_dir=None, max_new_tokens: int = 20,
+            sparsity=None, sparsity_strengths=(1.0,), extra_strengths: dict | None = None, out_dir=None,
+            max_new_tokens: int = 20,
             progress: bool = True, log=None) -> dict:
     """Fit each method on the same data and evaluate it at each strength by the SPEC §5 protocol.
 
@@ -111,6 +112,8 @@ def compare(methods=DEFAULT_METHODS, strengths=STRENGTHS, *, model=None, tok=Non
         fit_kwargs: ``{method: {option: value}}`` passed to that method's fit.
         multipliers: ActAdd multipliers evaluated at strength 1 (besides its strength sweep).
         sparsity: LinEAS sparsity grid, e.g. ``[{"l1": 0}, {"l1": 30}]``, evaluated at ``sparsity_strengths``.
+        extra_strengths: ``{label: [strengths]}`` evaluated for that method besides ``strengths`` (e.g.
+            a finer grid where a method's utility cost grows fast).
         out_dir: write (and resume from) ``points.jsonl`` and ``steerings/`` there.
         log: callable taking a progress line (default: silent).
     Returns:
@@ -127,6 +130,9 @@ def compare(methods=DEFAULT_METHODS, strengths=STRENGTHS, *, model=None, tok=Non
     if not strengths or any(not np.isfinite(s) for s in strengths):
         raise SteeringError(f"strengths must be a non-empty list of finite numbers, got {strengths}")
     specs = _fit_specs(methods, fit_kwargs or {}, sparsity)
+    unknown = sorted(set(extra_strengths or {}) - {sp["label"] for sp in specs})
+    if unknown:
+        raise SteeringError(f"extra_strengths: no compared method is labelled {unknown}")
     if model is None or tok is None:
         model, tok = load_model("smollm2-135m")
     source = data.load_texts("toxic", "fit") if source is None else data.check_texts(source, "source")
@@ -171,7 +177,8 @@ def compare(methods=DEFAULT_METHODS, strengths=STRENGTHS, *, model=None, tok=Non
                                "hyperparams": st.meta["hyperparams"], "train": st.meta.get("train", {}),
                                "nnz": st.nnz(), "entries": 2 * sum(st.meta["widths"].values()),
                                "sites": st.sites, "site_nnz": {s: st.nnz(s) for s in st.sites}}
-        sweep = [(s, 1.0) for s in (strengths if spec["role"] == "method" else sparsity_strengths)]
+        own = sorted(set(strengths) | {float(x) for x in (extra_strengths or {}).get(spec["label"], ())})
+        sweep = [(s, 1.0) for s in (own if spec["role"] == "method" else sparsity_strengths)]
         if spec["method"] == "actadd" and spec["role"] == "method":
             sweep += [(1.0, float(m)) for m in multipliers]
         for lam, mult in sweep:
