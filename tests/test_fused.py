@@ -184,3 +184,36 @@ def test_compiled_fullgraph_no_recompiles_on_strength_or_routing(no_recompiles, 
     h.remove()
     for g, w in zip(got, want):
         assert max_diff(g, w) <= 1e-4 * max(1.0, float(w.abs().max()))
+
+
+# ---------------------------------------------------------------- explicit backends
+@pytest.mark.parametrize("backend", ["torch", "cpp", "triton"])
+def test_explicit_backends_match_hooks(backend):
+    if backend == "cpp" and not lf.env_report()["cpp"]["usable"]:
+        pytest.skip("C++ extension not built")
+    if backend == "triton":
+        pytest.importorskip("triton")
+    model = make_model("gemma2")
+    st = random_steering(model, "norms")
+    ids, mask = tiny_batch(batch=2, length=5)
+    with lf.steered(model, {"a": st}, mode="hooks") as h:
+        h.route(["a", None], strength=[0.7, 1.0])
+        want = logits(model, ids, mask)
+    with lf.steered(model, {"a": st}, mode="fused", backend=backend) as h:
+        h.route(["a", None], strength=[0.7, 1.0])
+        got = logits(model, ids, mask)
+    assert max_diff(got, want) <= FP32_TOL * max(1.0, float(want.abs().max()))
+
+
+def test_unusable_backend_refused_untouched():
+    model = make_model("llama")
+    st = random_steering(model, "norms")
+    snap = snapshot(model)
+    with pytest.raises(lf.SteeringError, match="backend='cuda' is unusable here: no CUDA device"):
+        lf.steer_(model, st, mode="fused", backend="cuda")
+    with pytest.raises(lf.SteeringError, match="mode='fused' only"):
+        lf.steer_(model, st, mode="hooks", backend="torch")
+    with pytest.raises(lf.SteeringError, match="expected None or one of"):
+        lf.steer_(model, st, mode="fused", backend="mps")
+    assert fused_modules(model) == [] and getattr(model, ATTR, None) is None
+    assert_state_equal(model, snap)

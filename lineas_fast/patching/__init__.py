@@ -53,7 +53,7 @@ def fused_available(model, steerings: dict) -> str | None:
     return None
 
 
-def steer_(model, steering, strength=1.0, mode: str | None = None) -> SteerHandle:
+def steer_(model, steering, strength=1.0, mode: str | None = None, backend: str | None = None) -> SteerHandle:
     """Patch ``model`` in place with one steering, or several by name for per-row routing.
 
     Args:
@@ -61,6 +61,8 @@ def steer_(model, steering, strength=1.0, mode: str | None = None) -> SteerHandl
         strength: float, or a tensor ``[batch]`` of per-row strengths (single steering).
         mode: ``"fused"`` (kernels), ``"hooks"`` (reference) or ``"fold"`` (weights, fixed strength);
             None picks ``fused`` where it covers the sites, else ``hooks``.
+        backend: ``fused`` only — None (the op's best kernel for the device) or an explicit ``"torch"``,
+            ``"cpp"``, ``"triton"``, ``"cuda"``; one that cannot run here raises, saying why.
     Returns:
         a :class:`SteerHandle` (``set_strength``, ``route``, ``remove``; also a context manager).
     """
@@ -82,13 +84,21 @@ def steer_(model, steering, strength=1.0, mode: str | None = None) -> SteerHandl
         raise SteeringError("mode='fold' has one fixed strength: per-row strengths need mode='hooks'")
     if mode == "fold":
         _refuse_clamped(next(iter(steerings.values())), "mode='fold'")
-    return SteerHandle(model, steerings, mode, strength)
+    if backend is not None and mode != "fused":
+        raise SteeringError(f"backend={backend!r} applies to mode='fused' only (mode is {mode!r})")
+    if mode == "fused":
+        from .fused import resolve_backend
+        from .handle import _site_device
+
+        for device in {_site_device(model, s) for st in steerings.values() for s in st.sites}:
+            resolve_backend(backend, device)  # raises before anything changes
+    return SteerHandle(model, steerings, mode, strength, backend)
 
 
 @contextmanager
-def steered(model, steering, strength=1.0, mode: str | None = None):
+def steered(model, steering, strength=1.0, mode: str | None = None, backend: str | None = None):
     """``with steered(model, st): ...`` — steer for the block, restore exactly on exit (even on error)."""
-    handle = steer_(model, steering, strength=strength, mode=mode)
+    handle = steer_(model, steering, strength=strength, mode=mode, backend=backend)
     try:
         yield handle
     finally:

@@ -48,6 +48,48 @@ def norm_spec(model, spec: str):
     return None
 
 
+BACKENDS = ("torch", "cpp", "triton", "cuda")
+
+
+def resolve_backend(backend: str | None, device: torch.device):
+    """The norm_affine implementation for ``device``, chosen once at patch time.
+
+    None: the ``lineas::norm_affine`` op, whose dispatch picks the native kernel registered for the
+    device (C++ on CPU, Triton on CUDA) or the pure-torch reference. An explicit backend that cannot run
+    here raises :class:`SteeringError` saying why.
+    """
+    from .. import ops
+    from ..backends import env_report
+
+    if backend is None:
+        return ops.norm_affine
+    if backend not in BACKENDS:
+        raise SteeringError(f"backend={backend!r}: expected None or one of {BACKENDS}")
+    if backend == "torch":
+        return ops.reference.norm_affine
+    if backend == "cpp":
+        if device.type != "cpu":
+            raise SteeringError(f"backend='cpp' runs on CPU tensors, the model is on {device}")
+        info = env_report()["cpp"]
+        if not info["usable"]:
+            raise SteeringError(f"backend='cpp' is unusable here: {info['why']}")
+        return ops.norm_affine
+    if backend == "triton":
+        from ..kernels import available
+
+        ok, why = available()
+        if not ok:
+            raise SteeringError(f"backend='triton' is unusable here: {why}")
+        if device.type == "cpu" and "interpreter" not in why:
+            raise SteeringError("backend='triton' on CPU tensors needs TRITON_INTERPRET=1 (tests only)")
+        from ..kernels import norm_affine_fwd
+
+        return norm_affine_fwd  # inference only: no autograd through the bare launcher
+    info = env_report()["cuda"]
+    raise SteeringError(f"backend='cuda' is unusable here: {info['why']}" if not info["usable"] else
+                        "backend='cuda': the CUDA extension has no norm_affine kernel yet; use 'triton'")
+
+
 def plan_fused(model, steerings: dict, sites: list[str]) -> tuple[list[str], dict[str, str]]:
     """Split sites into fused ones and ``{site: why not}`` for those left to hooks."""
     fused, left = [], {}
@@ -131,11 +173,13 @@ def _parent(model, name: str) -> tuple[nn.Module, str]:
 class FusedPatch:
     """Installs :class:`FusedNorm` replacements and keeps the originals for exact removal."""
 
-    def __init__(self, model, sites: list[str], tables, fn=None):
-        from .. import ops
-
+    def __init__(self, model, sites: list[str], tables, backend: str | None = None):
         self.model, self.originals, self.routings = model, {}, {}
-        fn = fn or ops.norm_affine
+        fns = {}
+        for spec in sites:  # resolve every backend before touching the model
+            device = tables.scale[spec].device
+            if device not in fns:
+                fns[device] = resolve_backend(backend, device)
         for spec in sites:
             kind, eps, offset = norm_spec(model, spec)
             module = model.get_submodule(spec)
@@ -144,7 +188,7 @@ class FusedPatch:
             parent, child = _parent(model, spec)
             self.originals[spec] = (parent, child, module)
             setattr(parent, child, FusedNorm(module, kind, eps, offset, tables.scale[spec], tables.shift[spec],
-                                             routing, fn))
+                                             routing, fns[device]))
 
     def set_rows(self, ids: torch.Tensor, strength: torch.Tensor) -> None:
         for routing in self.routings.values():

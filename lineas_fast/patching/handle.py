@@ -22,7 +22,7 @@ class SteerHandle:
     bit-exactly (outputs and ``state_dict``).
     """
 
-    def __init__(self, model, steerings: dict, mode: str, strength):
+    def __init__(self, model, steerings: dict, mode: str, strength, backend: str | None = None):
         self.model, self.steerings, self.mode = model, steerings, mode
         self.names = list(steerings)
         self.sites = list(dict.fromkeys(s for st in steerings.values() for s in st.sites))
@@ -38,7 +38,7 @@ class SteerHandle:
                     warnings.warn(f"mode='fused' covers {len(fused)} of {len(self.sites)} sites; hooks serve "
                                   f"{names[:2]}{' +%d more' % (len(names) - 2) if len(names) > 2 else ''} "
                                   f"({left[names[0]]})", stacklevel=3)
-                self._fused = FusedPatch(model, fused, self.tables)
+                self._fused = FusedPatch(model, fused, self.tables, backend)
                 hooked = list(left)
             self._set_initial(strength)
             self._hooks = install_hooks(model, hooked, self.tables)
