@@ -62,14 +62,19 @@ class _Store:
         self.points: dict[str, dict] = {}
         if self.dir is not None:
             self.dir.mkdir(parents=True, exist_ok=True)
-            path = self.dir / "points.jsonl"
-            if path.exists():
-                for line in path.read_text(encoding="utf-8").splitlines():
-                    if line.strip():
-                        rec = json.loads(line)
-                        self.points[rec["key"]] = rec["point"]
+            self._read()
+
+    def _read(self) -> None:
+        path = self.dir / "points.jsonl"
+        if path.exists():
+            for line in path.read_text(encoding="utf-8").splitlines():
+                if line.strip():
+                    rec = json.loads(line)
+                    self.points[rec["key"]] = rec["point"]
 
     def point(self, key: str):
+        if key not in self.points and self.dir is not None:
+            self._read()  # another process sharing the folder may have added it meanwhile
         return self.points.get(key)
 
     def add_point(self, key: str, point: dict) -> None:
