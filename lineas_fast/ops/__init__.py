@@ -6,6 +6,10 @@ steering-table arguments: :mod:`lineas_fast.ops.reference`.
 * ``lineas::norm_affine(x, weight?, bias?, eps, kind, weight_offset, scale, shift, ids, strength, nrows)``
   — LayerNorm (kind 0) / RMSNorm (kind 1, Gemma: weight_offset 1) followed by per-row steering.
 * ``lineas::norm_affine_backward(grad, x, ...same...) -> (grad_x, grad_scale, grad_shift)``.
+* ``lineas::steered_linear(x, weight, bias?, where, scale, shift, ids, strength, nrows)`` — a Linear layer
+  with per-row steering of its input (``where`` 0, prologue: an ``:in`` site) or output (1, epilogue).
+* ``lineas::steered_linear_backward(grad, x, ...same...) -> (grad_x, grad_scale, grad_shift)`` (the
+  model's weight and bias are frozen: no gradient for them).
 """
 
 from __future__ import annotations
@@ -16,9 +20,13 @@ from . import reference
 
 _ARGS = ("Tensor x, Tensor? weight, Tensor? bias, float eps, int kind, float weight_offset, Tensor scale, "
          "Tensor shift, Tensor ids, Tensor strength, Tensor nrows")
+_LIN_ARGS = ("Tensor x, Tensor weight, Tensor? bias, int where, Tensor scale, Tensor shift, Tensor ids, "
+             "Tensor strength, Tensor nrows")
 SCHEMAS = {
     "norm_affine": f"({_ARGS}) -> Tensor",
     "norm_affine_backward": f"(Tensor grad_out, {_ARGS}) -> (Tensor, Tensor, Tensor)",
+    "steered_linear": f"({_LIN_ARGS}) -> Tensor",
+    "steered_linear_backward": f"(Tensor grad_out, {_LIN_ARGS}) -> (Tensor, Tensor, Tensor)",
 }
 
 _lib = torch.library.Library("lineas", "FRAGMENT")  # noqa: TOR901 — kept alive for the process
@@ -68,7 +76,46 @@ torch.library.register_autograd("lineas::norm_affine", _backward, setup_context=
 
 norm_affine = torch.ops.lineas.norm_affine
 norm_affine_backward = torch.ops.lineas.norm_affine_backward
-__all__ = ["SCHEMAS", "norm_affine", "norm_affine_backward", "reference"]
+
+
+# ------------------------------------------------------------------ steered_linear
+@torch.library.impl("lineas::steered_linear", "CompositeExplicitAutograd", lib=_lib)
+def _steered_linear_torch(x, weight, bias, where, scale, shift, ids, strength, nrows):
+    return reference.steered_linear(x, weight, bias, where, scale, shift, ids, strength, nrows)
+
+
+@torch.library.impl("lineas::steered_linear_backward", "CompositeExplicitAutograd", lib=_lib)
+def _steered_linear_backward_torch(grad_out, x, weight, bias, where, scale, shift, ids, strength, nrows):
+    return reference.steered_linear_backward(grad_out, x, weight, bias, where, scale, shift, ids, strength, nrows)
+
+
+@torch.library.register_fake("lineas::steered_linear", lib=_lib)
+def _steered_linear_fake(x, weight, bias, where, scale, shift, ids, strength, nrows):
+    return x.new_empty((*x.shape[:-1], weight.shape[0]))
+
+
+@torch.library.register_fake("lineas::steered_linear_backward", lib=_lib)
+def _steered_linear_backward_fake(grad_out, x, weight, bias, where, scale, shift, ids, strength, nrows):
+    return (torch.empty_like(x, memory_format=torch.contiguous_format),
+            scale.new_empty(scale.shape, dtype=torch.float32), shift.new_empty(shift.shape, dtype=torch.float32))
+
+
+def _steered_linear_grad(ctx, grad):
+    """Gradients for x, scale and shift only: the model's weight and bias are frozen (None for them)."""
+    (x, weight, bias, where, scale, shift, ids, strength, nrows) = ctx.args
+    gx, gs, gb = torch.ops.lineas.steered_linear_backward(grad.contiguous(), x, weight, bias, where, scale,
+                                                          shift, ids, strength, nrows)
+    return (gx if ctx.needs_input_grad[0] else None, None, None, None,
+            gs.to(scale.dtype) if ctx.needs_input_grad[4] else None,
+            gb.to(shift.dtype) if ctx.needs_input_grad[5] else None, None, None, None)
+
+
+torch.library.register_autograd("lineas::steered_linear", _steered_linear_grad, setup_context=_setup, lib=_lib)
+
+steered_linear = torch.ops.lineas.steered_linear
+steered_linear_backward = torch.ops.lineas.steered_linear_backward
+__all__ = ["SCHEMAS", "norm_affine", "norm_affine_backward", "reference", "steered_linear",
+           "steered_linear_backward"]
 
 
 def _load_cpu_kernels() -> str | None:

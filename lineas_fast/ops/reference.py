@@ -117,3 +117,67 @@ def norm_affine_backward(grad_out, x, weight, bias, eps: float, kind: int, weigh
     g_shift = torch.zeros(shift.shape, dtype=torch.float32, device=x.device).index_add_(
         0, idx, w_row * go.sum(1))
     return gx.to(x.dtype).reshape(x.shape), g_scale, g_shift
+
+
+# ------------------------------------------------------------------ steered Linear (SPEC §4 Linear sites)
+PROLOGUE, EPILOGUE = 0, 1  # ``where``: steer the Linear's input (an ":in" site) or its output
+
+
+def _entry_weights(batch: int, device, ids, strength, nrows):
+    """Per batch item: the table entry id (−1 clamped to 0) and the weight ``s`` of its gradient
+    contributions (0 for unsteered rows), as used by the ``*_backward`` references."""
+    r = torch.div(torch.arange(batch, device=device) * nrows.to(device).reshape(()), batch, rounding_mode="floor")
+    idx, s = ids.to(device)[r], strength.to(device=device, dtype=torch.float32)[r]
+    return idx.clamp(min=0), torch.where(idx >= 0, s, torch.zeros_like(s))[:, None]
+
+
+def steered_linear(x, weight, bias, where: int, scale, shift, ids, strength, nrows, upcast: bool = True):
+    """A Linear layer steered per batch row (table semantics: module docstring).
+
+    ``where = PROLOGUE``: ``(a_r ⊙ x + c_r) Wᵀ + bias`` (table width = in_features); ``where = EPILOGUE``:
+    ``a_r ⊙ (x Wᵀ + bias) + c_r`` (width = out_features). Steering in fp32; ``upcast=True`` does the matmul
+    in fp32 too (the oracle), ``upcast=False`` in x's dtype exactly as eager nn.Linear + a steering hook
+    would (the steered input rounded to x's dtype before the matmul; the matmul result steered in fp32
+    and rounded once) — the low-precision baseline for error budgets. Returns x's dtype.
+    """
+    if where not in (PROLOGUE, EPILOGUE):
+        raise ValueError(f"where={where}: expected 0 (prologue, input site) or 1 (epilogue, output site)")
+    xb = _as_batched(x)
+    dt = torch.float32 if upcast else x.dtype
+    w, b = weight.to(dt), (bias.to(dt) if bias is not None else None)
+    a, c = row_coefficients(xb.shape[0], x.device, scale, shift, ids, strength, nrows)
+    a, c = a[:, None, :], c[:, None, :]
+    if where == PROLOGUE:
+        y = torch.nn.functional.linear((xb.float() * a + c).to(dt), w, b)
+    else:
+        y = torch.nn.functional.linear(xb.to(dt), w, b).float() * a + c
+    return y.to(x.dtype).reshape(*x.shape[:-1], weight.shape[0])
+
+
+def steered_linear_backward(grad_out, x, weight, bias, where: int, scale, shift, ids, strength, nrows):
+    """Gradients of :func:`steered_linear` w.r.t. ``x``, ``scale`` and ``shift`` (explicit formulas, fp32;
+    none for the frozen weight/bias).
+
+    Prologue (h = a⊙x + c, y = h Wᵀ + bias): g = grad·W, ∂x = g⊙a, ∂scale[k] += s·Σ g⊙x, ∂shift[k] += s·Σ g.
+    Epilogue (p = x Wᵀ + bias, y = a⊙p + c): ∂x = (grad⊙a)·W, ∂scale[k] += s·Σ grad⊙p, ∂shift[k] += s·Σ grad.
+    Sums run over the tokens of the rows mapped to entry k; rows whose entry is −1 contribute nothing.
+    """
+    xb = _as_batched(x).float()
+    go = _as_batched(grad_out).float()
+    w = weight.float()
+    a, _ = row_coefficients(xb.shape[0], x.device, scale, shift, ids, strength, nrows)
+    a = a[:, None, :]
+    if where == PROLOGUE:
+        g = go @ w
+        gx, g_sum, other = g * a, g, xb
+    elif where == EPILOGUE:
+        gx = (go * a) @ w
+        g_sum, other = go, torch.nn.functional.linear(xb, w, bias.float() if bias is not None else None)
+    else:
+        raise ValueError(f"where={where}: expected 0 (prologue, input site) or 1 (epilogue, output site)")
+    idx, w_row = _entry_weights(xb.shape[0], x.device, ids, strength, nrows)
+    g_scale = torch.zeros(scale.shape, dtype=torch.float32, device=x.device).index_add_(
+        0, idx, w_row * (g_sum * other).sum(1))
+    g_shift = torch.zeros(shift.shape, dtype=torch.float32, device=x.device).index_add_(
+        0, idx, w_row * g_sum.sum(1))
+    return gx.to(x.dtype).reshape(x.shape), g_scale, g_shift

@@ -1,0 +1,158 @@
+"""CPU benchmark: the C++ ``lineas::steered_linear`` op vs a plain ``F.linear`` of the same shape.
+
+Target (SPEC §4, Linear sites fused into the matmul): the steered op costs at most 1.05x an unsteered
+``torch.nn.functional.linear(x, W, b)``. Shapes are SmolLM2-135M's MLP: x [1024, 576] x W [1536, 576]
+(up/gate projection) and x [1024, 1536] x W [576, 1536] (down projection); fp32 and bf16; prologue
+(``where=0``, the Linear's input steered: an ``:in`` site, table width in_features) and epilogue
+(``where=1``, its output steered, width out_features). Candidates, timed side by side (A/B/C
+interleaved, each sample a loop of calls, median of --repeats):
+
+* ``linear`` — ``F.linear(x, W, b)`` on the unsteered x (the baseline the target refers to);
+* ``op``     — ``torch.ops.lineas.steered_linear`` (C++ CPU kernel; fails if the extension is not built);
+* ``eager``  — what a steering hook does without the op: ``reference.steer_rows`` (per-row table lookup,
+  ``a*x + c`` in fp32, cast back) before or after ``F.linear``;
+* ``copy``   — ``F.linear(x.clone(), W, b)``: the floor of any prologue that materialises the steered
+  input before an ATen matmul (writing a fresh copy of x evicts the operands the looped baseline keeps
+  hot in cache; in a model x is freshly written anyway).
+
+With ``--backward``: ``lineas::steered_linear_backward`` vs ``torch.autograd.grad`` through the eager
+path (x, scale, shift requiring grad; W, b frozen; graph built once, only the backward timed).
+Ratios are medians over rounds of the per-round ratio (robust to other load drifting during the run).
+Routing: one dense steering (every channel steered) at strength 1 broadcast to all rows (R = 1), or
+``--routing rows`` (R = B, ids cycling 0, 1, -1, strengths varying).
+
+glibc's allocator makes large-tensor timings bimodal unless MALLOC_MMAP_THRESHOLD_ /
+MALLOC_TRIM_THRESHOLD_ are set before the process starts; the script re-executes itself with both set
+to 1073741824 when they are missing. Command used for benchmarks/results/steered_linear_cpu.md:
+
+    MALLOC_MMAP_THRESHOLD_=1073741824 MALLOC_TRIM_THRESHOLD_=1073741824 OMP_NUM_THREADS=1 \\
+        python benchmarks/bench_steered_linear.py --threads 1 --repeats 31 --backward
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+import time
+
+MALLOC = {"MALLOC_MMAP_THRESHOLD_": "1073741824", "MALLOC_TRIM_THRESHOLD_": "1073741824"}
+if any(os.environ.get(k) != v for k, v in MALLOC.items()):  # must be set before the process starts
+    os.execve(sys.executable, [sys.executable, *sys.argv], {**os.environ, **MALLOC})
+
+import lineas_fast._C  # noqa: F401  (registers the CPU kernels; fails here if the extension is not built)
+import torch
+import torch.nn.functional as F
+
+from lineas_fast.ops import reference as ref  # also defines the op schemas and autograd
+
+SHAPES = [(1024, 576, 1536), (1024, 1536, 576)]  # (rows, in_features, out_features)
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+WHERE = {"prologue": ref.PROLOGUE, "epilogue": ref.EPILOGUE}
+
+
+def make(shape, dtype, where, routing, seed=0):
+    """Op args (x, W, b in ``dtype`` as a model holds them; a dense 2-entry fp32 table)."""
+    g = torch.Generator().manual_seed(seed)
+    M, d_in, d_out = shape
+    x = torch.randn(M, d_in, generator=g).to(dtype)
+    w = (torch.randn(d_out, d_in, generator=g) / d_in ** 0.5).to(dtype)
+    b = (0.1 * torch.randn(d_out, generator=g)).to(dtype)
+    d = d_in if where == ref.PROLOGUE else d_out
+    scale, shift = 1 + 0.2 * torch.randn(2, d, generator=g), 0.1 * torch.randn(2, d, generator=g)
+    if routing == "broadcast":
+        ids, strength, nrows = torch.tensor([0]), torch.tensor([1.0]), torch.tensor([1])
+    else:
+        ids = torch.tensor([0, 1, -1]).repeat(M // 3 + 1)[:M]
+        strength, nrows = torch.linspace(0.2, 1.5, M), torch.tensor([M])
+    return x, w, b, where, scale, shift, ids, strength, nrows
+
+
+def eager(x, w, b, where, scale, shift, ids, strength, nrows):
+    if where == ref.PROLOGUE:
+        return F.linear(ref.steer_rows(x, scale, shift, ids, strength, nrows), w, b)
+    return ref.steer_rows(F.linear(x, w, b), scale, shift, ids, strength, nrows)
+
+
+def candidates(args):
+    x, w, b = args[:3]
+    op = torch.ops.lineas.steered_linear
+    return {"linear": lambda: F.linear(x, w, b), "op": lambda: op(*args), "eager": lambda: eager(*args),
+            "copy": lambda: F.linear(x.clone(), w, b)}
+
+
+def backward_candidates(args):
+    x, w, b, where, scale, shift, ids, strength, nrows = args
+    go = torch.randn(x.shape[0], w.shape[0]).to(x.dtype)
+    xr, sr, hr = x.clone().requires_grad_(), scale.clone().requires_grad_(), shift.clone().requires_grad_()
+    out = eager(xr, w, b, where, sr, hr, ids, strength, nrows)
+    bop = torch.ops.lineas.steered_linear_backward
+    return {"op": lambda: bop(go, *args),
+            "eager": lambda: torch.autograd.grad(out, (xr, sr, hr), go, retain_graph=True)}
+
+
+def calibrate(fn, target_s):
+    """Calls per sample so that one sample takes about target_s."""
+    fn()
+    t = time.perf_counter()
+    fn()
+    return max(1, int(target_s / max(time.perf_counter() - t, 1e-6)))
+
+
+def interleaved(fns: dict, repeats: int, target_s: float) -> dict:
+    """Seconds per call of each candidate (samples taken in rotation A, B, C, A, B, C, ...): the median,
+    and ``k/first`` = the median over rounds of the ratio to the first candidate's sample of the same
+    round (robust to the load drifting during the run)."""
+    inner = {k: calibrate(f, target_s) for k, f in fns.items()}
+    samples = {k: [] for k in fns}
+    for _ in range(repeats):
+        for k, f in fns.items():
+            t = time.perf_counter()
+            for _ in range(inner[k]):
+                f()
+            samples[k].append((time.perf_counter() - t) / inner[k])
+    first = next(iter(fns))
+    out = {k: statistics.median(v) for k, v in samples.items()}
+    for k, v in samples.items():
+        out[f"{k}/first"] = statistics.median(a / b for a, b in zip(v, samples[first]))
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--repeats", type=int, default=31, help="samples per candidate (median reported)")
+    ap.add_argument("--threads", type=int, default=1, help="torch / OpenMP threads (default 1)")
+    ap.add_argument("--routing", choices=["broadcast", "rows"], default="broadcast")
+    ap.add_argument("--sample-ms", type=float, default=40.0, help="target duration of one sample")
+    ap.add_argument("--backward", action="store_true", help="also time the backward op vs eager autograd")
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    assert torch._C._dispatch_has_kernel_for_dispatch_key("lineas::steered_linear", "CPU")
+    print(f"torch {torch.__version__}, threads {torch.get_num_threads()}, routing {args.routing}, "
+          f"repeats {args.repeats}, CPU capability {torch.backends.cpu.get_cpu_capability()}\n")
+    print("| x × Wᵀ | dtype | site | linear (ms) | op (ms) | **op / linear** | eager / linear | copy / linear |")
+    print("|---|---|---|---:|---:|---:|---:|---:|")
+    rows = []
+    for shape in SHAPES:
+        for dname, dtype in DTYPES.items():
+            for wname, where in WHERE.items():
+                op_args = make(shape, dtype, where, args.routing)
+                with torch.no_grad():
+                    t = interleaved(candidates(op_args), args.repeats, args.sample_ms / 1e3)
+                label = f"[{shape[0]}, {shape[1]}] × [{shape[2]}, {shape[1]}]ᵀ"
+                print(f"| {label} | {dname} | {wname} | {t['linear'] * 1e3:.2f} | {t['op'] * 1e3:.2f} | "
+                      f"**{t['op/first']:.3f}×** | {t['eager/first']:.3f}× | {t['copy/first']:.3f}× |", flush=True)
+                if args.backward:
+                    rows.append((label, dname, wname, interleaved(backward_candidates(op_args), args.repeats,
+                                                                  args.sample_ms / 1e3)))
+    if rows:
+        print("\n| backward: x × Wᵀ | dtype | site | op (ms) | eager autograd (ms) | eager / op |")
+        print("|---|---|---|---:|---:|---:|")
+        for label, dname, wname, t in rows:
+            print(f"| {label} | {dname} | {wname} | {t['op'] * 1e3:.2f} | {t['eager'] * 1e3:.2f} | "
+                  f"{t['eager/first']:.2f}× |")
+
+
+if __name__ == "__main__":
+    main()
