@@ -110,16 +110,16 @@ def test_batch_not_a_multiple_of_the_routing_rows_is_refused():
 
 def test_uncovered_sites_fall_back_to_hooks_with_a_warning():
     model = make_model("llama")
-    st = random_steering(model, lf.resolve_sites(model, "norms") + lf.resolve_sites(model, "mlp_out"))
+    acts = ["model.layers.0.mlp.act_fn", "model.layers.1.mlp.act_fn"]  # neither a norm nor a Linear
+    st = random_steering(model, lf.resolve_sites(model, "norms") + acts)
     with lf.steered(model, st, mode="hooks"):
         hooked = logits(model)
     assert lf.patching.fused_available(model, {"x": st}) is not None
     assert lf.steer_(model, st).mode == "hooks"  # default: fused only where it covers every site
     getattr(model, ATTR).remove()
-    with pytest.warns(UserWarning, match="covers 4 of 6 sites.*model.layers.0.mlp"):
+    with pytest.warns(UserWarning, match="covers 4 of 6 sites.*model.layers.0.mlp.act_fn"):
         h = lf.steer_(model, st, mode="fused")
-    assert len(fused_modules(model)) == 4 and sorted(no_hooks_left(model)) == ["model.layers.0.mlp",
-                                                                                "model.layers.1.mlp"]
+    assert len(fused_modules(model)) == 4 and sorted(no_hooks_left(model)) == acts
     assert max_diff(logits(model), hooked) <= FP32_TOL * 10
     h.remove()
     assert no_hooks_left(model) == [] and fused_modules(model) == []
@@ -217,3 +217,35 @@ def test_unusable_backend_refused_untouched():
         lf.steer_(model, st, mode="fused", backend="mps")
     assert fused_modules(model) == [] and getattr(model, ATTR, None) is None
     assert_state_equal(model, snap)
+
+
+# ---------------------------------------------------------------- Linear sites (steered_linear)
+@pytest.mark.parametrize("preset", ["mlp_hidden", "mlp_out", "attn_out"])
+def test_linear_sites_fused_equal_hooks(arch, preset):
+    model = make_model(arch)
+    st = random_steering(model, preset)
+    snap, base = snapshot(model), logits(model)
+    with lf.steered(model, st, strength=0.8, mode="hooks"):
+        hooked = logits(model)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        h = lf.steer_(model, st, strength=0.8, mode="fused")
+    assert no_hooks_left(model) == []
+    got = logits(model)
+    h.remove()
+    assert max_diff(got, hooked) <= FP32_TOL * max(1.0, float(hooked.abs().max()))
+    assert max_diff(got, base) > 1e-3
+    assert torch.equal(logits(model), base)
+    assert_state_equal(model, snap)
+
+
+def test_two_sites_on_one_linear_prologue_fused_other_hooked():
+    model = make_model("llama")
+    st = random_steering(model, lf.resolve_sites(model, "mlp_hidden") + lf.resolve_sites(model, "mlp_out"))
+    with lf.steered(model, st, mode="hooks"):
+        hooked = logits(model)
+    with pytest.warns(UserWarning, match="already carries"):
+        h = lf.steer_(model, st, mode="fused")
+    got = logits(model)
+    h.remove()
+    assert max_diff(got, hooked) <= FP32_TOL * max(1.0, float(hooked.abs().max()))

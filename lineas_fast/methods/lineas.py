@@ -58,12 +58,13 @@ class _TrainedNorms:
     for the model's device; other sites keep the plain affine map in the tap."""
 
     def __init__(self, model, sites, slices, fused):
-        from ..patching.fused import plan_fused
+        from ..patching.fused import norm_spec, plan_fused
 
         self.model, self.slices, self.patch = model, slices, None
         if fused is None:
             fused = _native_norm_kernel(model_device(model))
-        self.fused = plan_fused(model, {}, sites)[0] if fused else []
+        # norm sites only: the tap pools a site's *output*, which for a norm is the fused op's result
+        self.fused = [s for s in plan_fused(model, {}, sites)[0] if norm_spec(model, s)] if fused else []
 
     def __enter__(self):
         from ..patching.fused import FusedPatch

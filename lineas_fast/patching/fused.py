@@ -1,5 +1,8 @@
 """The ``fused`` apply mode: each steered normalisation module is replaced, on this instance only, by a
-:class:`FusedNorm` that computes norm + steering in one op (``lineas::norm_affine``, SPEC §4).
+:class:`FusedNorm` that computes norm + steering in one op (``lineas::norm_affine``, SPEC §4), and each
+steered Linear site by a :class:`FusedLinear` (``lineas::steered_linear``): an ``:in`` site of a Linear
+as a prologue on its input, a Linear output (or a module output produced by one Linear, e.g. ``mlp`` →
+``down_proj``) as an epilogue.
 
 No forward hooks are installed for fused sites. The steering tables (``[K, d]`` per site) and the
 routing table (``ids``/``strength`` of a fixed capacity + ``nrows``) are buffers that ``set_strength`` and
@@ -8,8 +11,9 @@ CUDA graph) stays valid. The replacement shares the original's weight/bias Param
 ``state_dict`` keys and tensors; its own buffers are non-persistent), and ``remove()`` puts the original
 module object back.
 
-Sites the fused runtime does not cover (non-norm sites until ``steered_linear`` lands, support-clamped
-maps, unknown norm classes) fall back to hooks, with one warning line naming them.
+Sites the fused runtime does not cover (support-clamped maps, modules that are neither a known norm nor
+a Linear, a second site on a Linear that already carries one) fall back to hooks, with one warning line
+naming them.
 """
 
 from __future__ import annotations
@@ -52,7 +56,7 @@ BACKENDS = ("torch", "cpp", "triton", "cuda")
 
 
 def resolve_backend(backend: str | None, device: torch.device):
-    """The norm_affine implementation for ``device``, chosen once at patch time.
+    """The ``(norm_affine, steered_linear)`` implementations for ``device``, chosen once at patch time.
 
     None: the ``lineas::norm_affine`` op, whose dispatch picks the native kernel registered for the
     device (C++ on CPU, Triton on CUDA) or the pure-torch reference. An explicit backend that cannot run
@@ -62,18 +66,18 @@ def resolve_backend(backend: str | None, device: torch.device):
     from ..backends import env_report
 
     if backend is None:
-        return ops.norm_affine
+        return ops.norm_affine, ops.steered_linear
     if backend not in BACKENDS:
         raise SteeringError(f"backend={backend!r}: expected None or one of {BACKENDS}")
     if backend == "torch":
-        return ops.reference.norm_affine
+        return ops.reference.norm_affine, ops.reference.steered_linear
     if backend == "cpp":
         if device.type != "cpu":
             raise SteeringError(f"backend='cpp' runs on CPU tensors, the model is on {device}")
         info = env_report()["cpp"]
         if not info["usable"]:
             raise SteeringError(f"backend='cpp' is unusable here: {info['why']}")
-        return ops.norm_affine
+        return ops.norm_affine, ops.steered_linear
     if backend == "triton":
         from ..kernels import available
 
@@ -84,22 +88,52 @@ def resolve_backend(backend: str | None, device: torch.device):
             raise SteeringError("backend='triton' on CPU tensors needs TRITON_INTERPRET=1 (tests only)")
         from ..kernels import norm_affine_fwd
 
-        return norm_affine_fwd  # inference only: no autograd through the bare launcher
+        # inference only (no autograd through the bare launcher); Linear sites: no Triton matmul yet
+        return norm_affine_fwd, ops.steered_linear
     info = env_report()["cuda"]
     raise SteeringError(f"backend='cuda' is unusable here: {info['why']}" if not info["usable"] else
                         "backend='cuda': the CUDA extension has no norm_affine kernel yet; use 'triton'")
 
 
+def _is_linear(m: nn.Module) -> bool:
+    return type(m) is nn.Linear or type(m).__name__ == "Conv1D"
+
+
+def linear_spec(model, spec: str):
+    """``(linear module name, where)`` if ``spec`` is a Linear's input/output (or an alias of one)."""
+    from ..ops.reference import EPILOGUE, PROLOGUE
+    from .fold import _split_block
+
+    site = Site.parse(spec)
+    module = model.get_submodule(site.module)
+    if _is_linear(module) and (site.is_input or site.index is None):
+        return site.module, (PROLOGUE if site.is_input else EPILOGUE)
+    fam = family(model)
+    prefix, rel = _split_block(model, site.module)
+    rel_spec = rel + spec[len(site.module):]
+    if fam and not site.is_input and rel_spec in fam.linear_alias:
+        target = prefix + fam.linear_alias[rel_spec]
+        if _is_linear(model.get_submodule(target)):
+            return target, EPILOGUE
+    return None
+
+
 def plan_fused(model, steerings: dict, sites: list[str]) -> tuple[list[str], dict[str, str]]:
     """Split sites into fused ones and ``{site: why not}`` for those left to hooks."""
-    fused, left = [], {}
+    fused, left, taken = [], {}, {}
     for spec in sites:
         if any(spec in st.support for st in steerings.values()):
             left[spec] = "support-clamped map"
-        elif norm_spec(model, spec) is None:
-            left[spec] = "not a LayerNorm/RMSNorm output"
-        else:
+        elif norm_spec(model, spec) is not None:
             fused.append(spec)
+        elif (lin := linear_spec(model, spec)) is not None:
+            if lin[0] in taken:
+                left[spec] = f"{lin[0]} already carries site {taken[lin[0]]!r}"
+            else:
+                taken[lin[0]] = spec
+                fused.append(spec)
+        else:
+            left[spec] = "not a LayerNorm/RMSNorm or Linear site"
     return fused, left
 
 
@@ -165,6 +199,39 @@ class FusedNorm(nn.Module):
         return f"fused {type(self.original).__name__}, kind={self.kind}, eps={self.eps}, offset={self.offset}"
 
 
+class FusedLinear(nn.Module):
+    """Stands in for one Linear (or GPT-2 Conv1D): ``steered_linear`` with the live tables."""
+
+    def __init__(self, original: nn.Module, where: int, scale, shift, routing: Routing, fn):
+        super().__init__()
+        self.weight = original.weight
+        self.bias = original.bias if isinstance(original.bias, nn.Parameter) else None
+        object.__setattr__(self, "original", original)
+        self.transposed = type(original).__name__ == "Conv1D"  # Conv1D stores W as [in, out]
+        self.where = where
+        self.register_buffer("table_scale", scale, persistent=False)
+        self.register_buffer("table_shift", shift, persistent=False)
+        self.routing = routing
+        self.fn = fn
+        self.training = original.training
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        r = self.routing
+        if not torch.compiler.is_compiling():
+            r.check(x.shape[0])
+        w = self.weight.t() if self.transposed else self.weight
+        return self.fn(x, w, self.bias, self.where, self.table_scale, self.table_shift, r.ids, r.strength, r.nrows)
+
+    def __getattr__(self, name: str):
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            return getattr(object.__getattribute__(self, "original"), name)
+
+    def extra_repr(self) -> str:
+        return f"fused {type(self.original).__name__}, {'prologue' if self.where == 0 else 'epilogue'}"
+
+
 def _parent(model, name: str) -> tuple[nn.Module, str]:
     parent, _, child = name.rpartition(".")
     return (model.get_submodule(parent) if parent else model), child
@@ -181,14 +248,20 @@ class FusedPatch:
             if device not in fns:
                 fns[device] = resolve_backend(backend, device)
         for spec in sites:
-            kind, eps, offset = norm_spec(model, spec)
-            module = model.get_submodule(spec)
             device = tables.scale[spec].device
             routing = self.routings.setdefault(device, Routing(device))
-            parent, child = _parent(model, spec)
+            norm = norm_spec(model, spec)
+            if norm is not None:
+                name = spec
+                module = model.get_submodule(name)
+                new = FusedNorm(module, *norm, tables.scale[spec], tables.shift[spec], routing, fns[device][0])
+            else:
+                name, where = linear_spec(model, spec)
+                module = model.get_submodule(name)
+                new = FusedLinear(module, where, tables.scale[spec], tables.shift[spec], routing, fns[device][1])
+            parent, child = _parent(model, name)
             self.originals[spec] = (parent, child, module)
-            setattr(parent, child, FusedNorm(module, kind, eps, offset, tables.scale[spec], tables.shift[spec],
-                                             routing, fns[device]))
+            setattr(parent, child, new)
 
     def set_rows(self, ids: torch.Tensor, strength: torch.Tensor) -> None:
         for routing in self.routings.values():
