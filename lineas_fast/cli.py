@@ -428,8 +428,9 @@ def cmd_compare(args) -> int:
     paths = evaluate.write_comparison(result, args.out, command=command)
     best = evaluate.best_at_budget(result)
     _say("\nbest point per method with ΔPPL ≤ +10% and degenerate ≤ 5%:")
-    _say(report.format_table([{**r, "name": f"{r['label']} λ={r['strength']:g}"} for r in best]) if best
-         else "(none within budget)")
+    from .evaluate.write import table_row
+
+    _say(report.format_table([table_row(result, r) for r in best]) if best else "(none within budget)")
     _say(f"comparison took {_secs(t0):.1f} s; wrote " + ", ".join(str(p) for p in paths))
     return 0
 

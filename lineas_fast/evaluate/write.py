@@ -22,15 +22,16 @@ def _name(r: dict) -> str:
     return s + (f" ×{r['multiplier']:g}" if r.get("multiplier", 1.0) != 1.0 else "")
 
 
+def table_row(result: dict, r: dict) -> dict:
+    """A point as a table row: its name and its fit's time and active sites."""
+    fit = result["fits"][r["label"]]
+    return {**r, "name": _name(r), "fit_seconds": fit["train"].get("fit_seconds"),
+            "active_sites": sum(1 for v in fit["site_nnz"].values() if v), "total_sites": len(fit["sites"])}
+
+
 def _table_rows(result: dict, role: str) -> list[dict]:
-    rows = []
-    for r in result["points"]:
-        if r.get("role") == role and r["strength"] != 0:  # λ=0 rows repeat the unsteered row
-            fit = result["fits"][r["label"]]
-            rows.append({**r, "name": _name(r), "fit_seconds": fit["train"].get("fit_seconds"),
-                         "active_sites": sum(1 for v in fit["site_nnz"].values() if v),
-                         "total_sites": len(fit["sites"])})
-    return rows
+    # λ=0 rows repeat the unsteered row
+    return [table_row(result, r) for r in result["points"] if r.get("role") == role and r["strength"] != 0]
 
 
 def write_comparison(result: dict, out_dir, max_ppl_change: float = 0.10, max_degenerate: float = 0.05,
@@ -50,7 +51,7 @@ def write_comparison(result: dict, out_dir, max_ppl_change: float = 0.10, max_de
     best = best_at_budget(result, max_ppl_change, max_degenerate)
     lines += [f"## Best point per method with ΔPPL ≤ {100 * max_ppl_change:+.0f}% and degenerate ≤ "
               f"{100 * max_degenerate:.0f}%", "",
-              report.format_table([{**r, "name": _name(r)} for r in best], "markdown") if best
+              report.format_table([table_row(result, r) for r in best], "markdown") if best
               else "(no point of any method is within this budget)", ""]
     sparse = _table_rows(result, "sparsity")
     if sparse:
