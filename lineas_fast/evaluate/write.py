@@ -77,10 +77,11 @@ def _slim(r: dict) -> dict:
 
 
 def _sparsity_points(result: dict) -> list[tuple[str, dict, dict]]:
-    """(label, fit, row at λ=1) for every LinEAS fit, sorted by nnz (densest first)."""
+    """(label, fit, row at λ=1) for the default LinEAS fit and its sparsity variants, densest first
+    (other LinEAS variants, e.g. another pooling, are not part of the sweep)."""
     out = []
     for label, fit in result["fits"].items():
-        if fit["method"] != "lineas":
+        if fit["method"] != "lineas" or not (fit["role"] == "sparsity" or label == "lineas"):
             continue
         rows = [r for r in result["points"] if r["label"] == label and r["strength"] == 1.0]
         if rows:
@@ -109,32 +110,38 @@ def sparsity_table(result: dict) -> str:
 
 
 def tradeoff_curves_png(result: dict, path) -> Path:
-    """Toxic rate vs passage PPL: one curve per compared method, each point labelled by its strength."""
+    """Toxic rate vs passage PPL, one curve per compared method, each point labelled by its strength:
+    left, the usable region (PPL up to twice the unsteered value, linear axis); right, everything (log)."""
     from matplotlib.figure import Figure
 
-    fig = Figure(figsize=(8, 5.5), dpi=120, layout="constrained")
-    ax = fig.subplots()
+    fig = Figure(figsize=(13, 5.5), dpi=120, layout="constrained")
+    zoom, full = fig.subplots(1, 2, width_ratios=[1.6, 1])
     base = result["unsteered"]
-    ax.scatter([base["ppl"]], [base["toxic_rate"]], color="black", zorder=5, label="unsteered")
     labels = list(dict.fromkeys(r["label"] for r in result["points"] if r.get("role") == "method"))
-    for i, label in enumerate(labels):
-        rows = sorted((r for r in result["points"] if r["label"] == label),
-                      key=lambda r: r["strength"] * r.get("multiplier", 1.0))
-        color = COLORS.get(label, f"C{i}")
-        ax.plot([r["ppl"] for r in rows], [r["toxic_rate"] for r in rows], marker="o", color=color, label=label)
-        for r in rows:
-            if r["strength"] == 0:
-                continue
-            tag = f"{r['strength']:g}" + (f"×{r['multiplier']:g}" if r.get("multiplier", 1.0) != 1 else "")
-            ax.annotate(tag, (r["ppl"], r["toxic_rate"]), textcoords="offset points", xytext=(4, 3), fontsize=7,
-                        color=color)
-    ax.set_xscale("log")
-    ax.set_xlabel("WikiText passage perplexity (log scale; lower is better)")
-    ax.set_ylabel("toxic rate (lower is better)")
-    ax.axvline(base["ppl"] * 1.1, color="gray", linestyle=":", linewidth=1, label="+10% PPL")
-    ax.grid(alpha=0.3, which="both")
-    ax.legend(fontsize=8)
-    ax.set_title("toxicity vs perplexity by strength (labels: λ, ×ActAdd multiplier)", fontsize=10)
+    for ax, zoomed in ((zoom, True), (full, False)):
+        ax.scatter([base["ppl"]], [base["toxic_rate"]], color="black", zorder=5, label="unsteered")
+        for i, label in enumerate(labels):
+            rows = sorted((r for r in result["points"] if r["label"] == label),
+                          key=lambda r: r["strength"] * r.get("multiplier", 1.0))
+            color = COLORS.get(label, f"C{i}")
+            ax.plot([r["ppl"] for r in rows], [r["toxic_rate"] for r in rows], marker="o", color=color,
+                    label=label, linewidth=1.2, markersize=4)
+            for r in rows:
+                if r["strength"] == 0 or (zoomed and r["ppl"] > 2 * base["ppl"]):
+                    continue
+                tag = f"{r['strength']:g}" + (f"×{r['multiplier']:g}" if r.get("multiplier", 1.0) != 1 else "")
+                ax.annotate(tag, (r["ppl"], r["toxic_rate"]), textcoords="offset points", xytext=(4, 3),
+                            fontsize=7, color=color)
+        ax.axvline(base["ppl"] * 1.1, color="gray", linestyle=":", linewidth=1, label="+10% PPL")
+        ax.grid(alpha=0.3, which="both")
+        ax.set_ylabel("toxic rate (lower is better)")
+    zoom.set_xlim(base["ppl"] * 0.97, base["ppl"] * 2)
+    zoom.set_xlabel("WikiText passage perplexity (lower is better)")
+    zoom.set_title("usable region (PPL ≤ 2× unsteered); labels: λ, ×ActAdd multiplier", fontsize=10)
+    zoom.legend(fontsize=8)
+    full.set_xscale("log")
+    full.set_xlabel("passage perplexity (log scale)")
+    full.set_title("all points (λ up to 1)", fontsize=10)
     path = Path(path)
     fig.savefig(path)
     return path
