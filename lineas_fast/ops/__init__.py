@@ -131,6 +131,21 @@ def _load_cpu_kernels() -> str | None:
 CPU_KERNELS_MISSING = _load_cpu_kernels()
 
 
+def _load_cuda_kernels() -> str | None:
+    """Load the CUDA extension (its TORCH_LIBRARY_IMPL registrations give the ops CUDA kernels, which take
+    precedence over Triton: it must load before ``_load_gpu_kernels``); the reason it is unavailable, or None."""
+    if not torch.cuda.is_available():
+        return "no CUDA device"
+    try:
+        from .. import _C_cuda  # noqa: F401
+    except ImportError as e:
+        return f"lineas_fast._C_cuda not importable ({e})"
+    return None
+
+
+CUDA_KERNELS_MISSING = _load_cuda_kernels()  # order: CPU kernels, CUDA extension, then Triton (below)
+
+
 def _load_gpu_kernels() -> str | None:
     """Register the Triton launchers as the ops' CUDA implementation where a GPU and triton exist
     (a CUDA-extension kernel, when built, takes precedence); the reason they are not, or None."""
