@@ -233,7 +233,8 @@ def cmd_fit(args) -> int:
     given = {"sites": _sites_arg(args.sites), "pooling": args.pooling, "steps": args.steps, "lr": args.lr,
              "l1": args.l1, "group_l2": args.group_l2, "seed": args.seed, "normalize": args.normalize,
              "optimizer": args.optimizer, "batch_size": args.batch_size, "max_length": args.max_length,
-             "support": args.support, "incremental": args.incremental or None, "multiplier": args.multiplier}
+             "support": args.support, "incremental": args.incremental or None, "multiplier": args.multiplier,
+             "autocast": args.autocast or None}
     kwargs = {k: v for k, v in given.items() if v is not None}
     if kwargs.get("normalize") == "none":
         kwargs["normalize"] = None
@@ -620,6 +621,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="AcT family: fit sites in model order with the earlier maps applied")
     f.add_argument("--multiplier", type=float, default=None, metavar="M",
                    help="actadd: scale of the mean difference [default: 1]")
+    f.add_argument("--autocast", action="store_true",
+                   help="lineas: run the model forward under bf16 autocast (maps, pooling and loss stay fp32)")
     f.set_defaults(func=cmd_fit)
 
     g = sub.add_parser(

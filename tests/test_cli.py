@@ -233,3 +233,13 @@ def test_steering_for_another_model_is_refused(capsys, tmp_path, tiny_dir):
     rc, _, err = run(capsys, "generate", "--steering", str(tmp_path / "gpt2.safetensors"), "--model", str(tiny_dir),
                      "hello")
     assert_one_line_error(rc, err, "gpt2")
+
+
+def test_fit_autocast_flag(capsys, tmp_path, tiny_dir):
+    src, tgt = _texts(tmp_path)
+    rc, _, _ = run(capsys, "fit", "--model", str(tiny_dir), "--source", src, "--target", tgt, "--steps", "2",
+                   "--autocast", "--out", str(tmp_path / "a.safetensors"))
+    assert rc == 0 and lf.Steering.load(tmp_path / "a.safetensors").meta["hyperparams"]["autocast"] is True
+    rc, _, err = run(capsys, "fit", "--model", str(tiny_dir), "--source", src, "--target", tgt, "--method",
+                     "mean_act", "--autocast", "--out", str(tmp_path / "b.safetensors"))
+    assert_one_line_error(rc, err, "--autocast", "mean_act")

@@ -346,3 +346,13 @@ def test_fused_training_matches_eager(arch, tok):
     from lineas_fast.patching.fused import FusedNorm
 
     assert not any(isinstance(m, FusedNorm) for m in model.modules())
+
+
+def test_bf16_autocast_training_stays_within_one_percent(tok):
+    model = make_model("llama")
+    full = fit(model, tok, steps=5, l1=0.5)
+    low = fit(model, tok, steps=5, l1=0.5, autocast=True)
+    assert low.meta["hyperparams"]["autocast"] is True
+    for a, b in zip(full.meta["train"]["loss"], low.meta["train"]["loss"]):
+        assert abs(a - b) <= 0.01 * abs(a), (full.meta["train"]["loss"], low.meta["train"]["loss"])
+    assert full.meta["train"]["loss"] != low.meta["train"]["loss"]  # autocast really ran in bf16

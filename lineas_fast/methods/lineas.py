@@ -98,7 +98,8 @@ def fit_lineas(model, tok, source, target, *, sites=DEFAULTS["sites"], pooling=D
                steps=DEFAULTS["steps"], lr=DEFAULTS["lr"], l1=DEFAULTS["l1"], group_l2=DEFAULTS["group_l2"],
                batch_size=DEFAULTS["batch_size"], normalize=DEFAULTS["normalize"],
                optimizer=DEFAULTS["optimizer"], max_length=DEFAULTS["max_length"], seed=DEFAULTS["seed"],
-               micro_batch: int = 8, fused: bool | None = None, progress: bool = True) -> Steering:
+               micro_batch: int = 8, fused: bool | None = None, autocast: bool = False,
+               progress: bool = True) -> Steering:
     """Fit LinEAS maps; see :func:`lineas_fast.fit` for the arguments."""
     source, target = check_prompt_sets(source, target)
     if pooling not in POOLINGS:
@@ -157,7 +158,8 @@ def fit_lineas(model, tok, source, target, *, sites=DEFAULTS["sites"], pooling=D
             trained.bind(omega, shift)  # fresh views of the parameters: one autograd graph per step
             for ids, mask in (full_batches or _batches(torch.randperm(n, generator=gen)[:batch_size].tolist())):
                 box["mask"] = mask
-                run_to_sites(model, ids, mask, seen)
+                with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast):
+                    run_to_sites(model, ids, mask, seen)
             z = torch.cat([torch.cat(pooled[s]) for s in site_list], dim=1)
             for s in site_list:
                 pooled[s].clear()
@@ -185,7 +187,7 @@ def fit_lineas(model, tok, source, target, *, sites=DEFAULTS["sites"], pooling=D
     shift_d = {s: shift.detach()[slices[s]].cpu() for s in site_list}
     hyper = dict(sites=sites if isinstance(sites, str) else list(sites), pooling=pooling, steps=steps, lr=lr,
                  l1=l1, group_l2=group_l2, batch_size=batch_size, normalize=normalize, optimizer=optimizer,
-                 max_length=max_length, seed=seed, n_source=len(source), n_target=len(target))
+                 max_length=max_length, seed=seed, n_source=len(source), n_target=len(target), autocast=autocast)
     meta = {"method": "lineas", **model_meta(model), "hyperparams": hyper,
             "train": {**history, "fit_seconds": round(fit_seconds, 3)}}
     return Steering(scale, shift_d, meta)
