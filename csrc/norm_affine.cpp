@@ -37,27 +37,11 @@
 #include <omp.h>
 #endif
 
-#include "convert.h"
+#include "cpu_kernels.h"
 
 namespace lineas {
 namespace {
 
-// ------------------------------------------------------------------ element access per dtype
-struct F32 {
-  using T = float;
-  static float ld(const T* p, int64_t i) { return p[i]; }
-  static void st(T* p, int64_t i, float v) { p[i] = v; }
-};
-struct BF16 {
-  using T = uint16_t;
-  static float ld(const T* p, int64_t i) { return bf16_to_f32(p[i]); }
-  static void st(T* p, int64_t i, float v) { p[i] = f32_to_bf16(v); }
-};
-struct F16 {
-  using T = uint16_t;
-  static float ld(const T* p, int64_t i) { return f16_to_f32(p[i]); }
-  static void st(T* p, int64_t i, float v) { p[i] = f32_to_f16(v); }
-};
 
 constexpr int kLayerNorm = 0, kRmsNorm = 1;
 
@@ -73,8 +57,6 @@ struct Args {
   int64_t B, N, R, K, d;
   float eps;
 };
-
-#define LINEAS_ALWAYS_INLINE inline __attribute__((always_inline))
 
 // Table entry r of the rows of batch item b: (id, s); id < 0 means unsteered.
 LINEAS_ALWAYS_INLINE void entry_of(const Args& p, int64_t row, int64_t& r, int64_t& id, float& s) {
@@ -270,10 +252,7 @@ template <class IO, int Kind> void bwd_base(const Args& p, int64_t a, int64_t b,
   bwd_body<IO, Kind>(p, a, b, buf, part);
 }
 
-#if defined(__x86_64__) && defined(__GNUC__)
-#define LINEAS_X86_VARIANTS 1
-#define LINEAS_AVX2 __attribute__((target("avx2,fma,f16c")))
-#define LINEAS_AVX512 __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx2,fma,f16c")))
+#ifdef LINEAS_X86_VARIANTS
 template <class IO, int Kind> LINEAS_AVX2 void fwd_avx2(const Args& p, int64_t a, int64_t b, float* buf) {
   fwd_body<IO, Kind>(p, a, b, buf);
 }
@@ -289,29 +268,6 @@ LINEAS_AVX512 void bwd_avx512(const Args& p, int64_t a, int64_t b, float* buf, f
   bwd_body<IO, Kind>(p, a, b, buf, part);
 }
 #endif
-
-enum Isa { kBase = 0, kAvx2 = 1, kAvx512 = 2 };
-
-// Widest supported ISA, capped by LINEAS_FAST_CPU_ISA (default|avx2|avx512); decided once.
-Isa cpu_isa() {
-  static const Isa isa = [] {
-    int best = kBase;
-#ifdef LINEAS_X86_VARIANTS
-    __builtin_cpu_init();
-    if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) best = kAvx2;
-    if (best == kAvx2 && __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
-        __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq"))
-      best = kAvx512;
-#endif
-    if (const char* env = std::getenv("LINEAS_FAST_CPU_ISA")) {
-      const std::string v(env);
-      const int cap = v == "default" ? kBase : v == "avx2" ? kAvx2 : kAvx512;
-      best = best < cap ? best : cap;
-    }
-    return static_cast<Isa>(best);
-  }();
-  return isa;
-}
 
 template <class IO, int Kind> FwdFn pick_fwd(Isa isa) {
 #ifdef LINEAS_X86_VARIANTS

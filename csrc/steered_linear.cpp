@@ -38,26 +38,11 @@
 #include <immintrin.h>
 #endif
 
-#include "convert.h"
+#include "cpu_kernels.h"
 
 namespace lineas {
 namespace {
 
-struct F32 {
-  using T = float;
-  static float ld(const T* p, int64_t i) { return p[i]; }
-  static void st(T* p, int64_t i, float v) { p[i] = v; }
-};
-struct BF16 {
-  using T = uint16_t;
-  static float ld(const T* p, int64_t i) { return bf16_to_f32(p[i]); }
-  static void st(T* p, int64_t i, float v) { p[i] = f32_to_bf16(v); }
-};
-struct F16 {
-  using T = uint16_t;
-  static float ld(const T* p, int64_t i) { return f16_to_f32(p[i]); }
-  static void st(T* p, int64_t i, float v) { p[i] = f32_to_f16(v); }
-};
 
 constexpr int64_t kPrologue = 0, kEpilogue = 1;
 constexpr int64_t kParallelMin = 65536;  // elements below which threads cost more than they save
@@ -71,8 +56,6 @@ struct Pass {
   const int64_t* ids; const float* strength;
   int64_t B, N, R, d;
 };
-
-#define LINEAS_ALWAYS_INLINE inline __attribute__((always_inline))
 
 // Rows [r0, r1). Forward: out = a*in + c; buf holds 2*d floats, the (a, c) of the entry a run of rows
 // shares (computed once per run: one FMA per element after that; a row whose entry the next row does
@@ -136,9 +119,7 @@ using PassFn = void (*)(const Pass&, int64_t, int64_t, float*);
 template <class IO, bool G> void pass_base(const Pass& p, int64_t a, int64_t b, float* q) {
   pass_body<IO, G>(p, a, b, q);
 }
-#if defined(__x86_64__) && defined(__GNUC__)
-#define LINEAS_X86_VARIANTS 1
-#define LINEAS_AVX512 __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx2,fma,f16c")))
+#ifdef LINEAS_X86_VARIANTS
 
 // bf16 forward rows on AVX-512 written with intrinsics: the rounding is bit-identical to convert.h (nearest
 // even, NaN stays NaN) but narrowed with one vpmovdw per 16 values, where GCC's vectorisation of the scalar
@@ -175,29 +156,6 @@ LINEAS_AVX512 void pass_avx512(const Pass& p, int64_t a, int64_t b, float* q) {
   pass_body<IO, G>(p, a, b, q);
 }
 #endif
-
-enum Isa { kBase = 0, kAvx2 = 1, kAvx512 = 2 };
-
-// Widest supported ISA, capped by LINEAS_FAST_CPU_ISA (default|avx2|avx512); decided once.
-Isa cpu_isa() {
-  static const Isa isa = [] {
-    int best = kBase;
-#ifdef LINEAS_X86_VARIANTS
-    __builtin_cpu_init();
-    if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) best = kAvx2;
-    if (best == kAvx2 && __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
-        __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq"))
-      best = kAvx512;
-#endif
-    if (const char* env = std::getenv("LINEAS_FAST_CPU_ISA")) {
-      const std::string v(env);
-      const int cap = v == "default" ? kBase : v == "avx2" ? kAvx2 : kAvx512;
-      best = best < cap ? best : cap;
-    }
-    return static_cast<Isa>(best);
-  }();
-  return isa;
-}
 
 template <class IO, bool G> PassFn pick(Isa isa) {
 #ifdef LINEAS_X86_VARIANTS
