@@ -10,6 +10,7 @@ The model is left exactly as found: hooks are removed and ``requires_grad`` flag
 from __future__ import annotations
 
 import time
+from types import SimpleNamespace
 
 import torch
 from tqdm.auto import tqdm
@@ -72,8 +73,7 @@ class _TrainedNorms:
         if self.fused:
             dev = model_device(self.model)
             dummy = {s: torch.ones(1, self.slices[s].stop - self.slices[s].start, device=dev) for s in self.fused}
-            tables = type("T", (), {"scale": dummy, "shift": dummy})
-            self.patch = FusedPatch(self.model, self.fused, tables)
+            self.patch = FusedPatch(self.model, self.fused, SimpleNamespace(scale=dummy, shift=dummy))
             self.patch.set_rows(torch.zeros(1, dtype=torch.long), torch.ones(1))
         return self
 

@@ -165,68 +165,64 @@ class Routing:
                                 f"route()/set_strength() (nor a multiple of it)")
 
 
-class FusedNorm(nn.Module):
-    """Stands in for one norm module: ``norm_affine(x, weight, bias, ...)`` with the live tables."""
+class _FusedSite(nn.Module):
+    """What both stand-ins share: the original's weight/bias Parameters (same ``state_dict`` keys), the
+    live steering tables as non-persistent buffers, the routing, the op chosen at patch time, and
+    attribute fall-through to the original module (which stays outside the module tree)."""
 
-    def __init__(self, original: nn.Module, kind: int, eps: float, offset: float, scale: torch.Tensor,
-                 shift: torch.Tensor, routing: Routing, fn):
+    def __init__(self, original: nn.Module, scale: torch.Tensor, shift: torch.Tensor, routing: Routing, fn):
         super().__init__()
         self.weight = getattr(original, "weight", None)
-        self.bias = getattr(original, "bias", None) if isinstance(getattr(original, "bias", None), nn.Parameter) \
-            else None
+        bias = getattr(original, "bias", None)
+        self.bias = bias if isinstance(bias, nn.Parameter) else None
         object.__setattr__(self, "original", original)  # not a submodule: state_dict keys stay the same
-        self.kind, self.eps, self.offset = kind, eps, offset
         self.register_buffer("table_scale", scale, persistent=False)
         self.register_buffer("table_shift", shift, persistent=False)
         self.routing = routing
         self.fn = fn
         self.training = original.training
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        r = self.routing
+    def _routing(self, x: torch.Tensor) -> Routing:
         if not torch.compiler.is_compiling():
-            r.check(x.shape[0])
-        return self.fn(x, self.weight, self.bias, self.eps, self.kind, self.offset, self.table_scale,
-                       self.table_shift, r.ids, r.strength, r.nrows)
+            self.routing.check(x.shape[0])
+        return self.routing
 
     def __getattr__(self, name: str):
         try:
             return super().__getattr__(name)
         except AttributeError:
             return getattr(object.__getattribute__(self, "original"), name)
+
+
+class FusedNorm(_FusedSite):
+    """Stands in for one norm module: ``norm_affine(x, weight, bias, ...)`` with the live tables."""
+
+    def __init__(self, original: nn.Module, kind: int, eps: float, offset: float, scale: torch.Tensor,
+                 shift: torch.Tensor, routing: Routing, fn):
+        super().__init__(original, scale, shift, routing, fn)
+        self.kind, self.eps, self.offset = kind, eps, offset
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        r = self._routing(x)
+        return self.fn(x, self.weight, self.bias, self.eps, self.kind, self.offset, self.table_scale,
+                       self.table_shift, r.ids, r.strength, r.nrows)
 
     def extra_repr(self) -> str:
         return f"fused {type(self.original).__name__}, kind={self.kind}, eps={self.eps}, offset={self.offset}"
 
 
-class FusedLinear(nn.Module):
+class FusedLinear(_FusedSite):
     """Stands in for one Linear (or GPT-2 Conv1D): ``steered_linear`` with the live tables."""
 
     def __init__(self, original: nn.Module, where: int, scale, shift, routing: Routing, fn):
-        super().__init__()
-        self.weight = original.weight
-        self.bias = original.bias if isinstance(original.bias, nn.Parameter) else None
-        object.__setattr__(self, "original", original)
+        super().__init__(original, scale, shift, routing, fn)
         self.transposed = type(original).__name__ == "Conv1D"  # Conv1D stores W as [in, out]
         self.where = where
-        self.register_buffer("table_scale", scale, persistent=False)
-        self.register_buffer("table_shift", shift, persistent=False)
-        self.routing = routing
-        self.fn = fn
-        self.training = original.training
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        r = self.routing
-        if not torch.compiler.is_compiling():
-            r.check(x.shape[0])
+        r = self._routing(x)
         w = self.weight.t() if self.transposed else self.weight
         return self.fn(x, w, self.bias, self.where, self.table_scale, self.table_shift, r.ids, r.strength, r.nrows)
-
-    def __getattr__(self, name: str):
-        try:
-            return super().__getattr__(name)
-        except AttributeError:
-            return getattr(object.__getattribute__(self, "original"), name)
 
     def extra_repr(self) -> str:
         return f"fused {type(self.original).__name__}, {'prologue' if self.where == 0 else 'epilogue'}"
