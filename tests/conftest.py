@@ -132,5 +132,20 @@ def no_hooks_left(model) -> list[str]:
     return [n for n, m in model.named_modules() if m._forward_hooks or m._forward_pre_hooks]
 
 
+def assert_fp32_close(got: torch.Tensor, want: torch.Tensor, what: str = "") -> None:
+    """SPEC §6 fp32 tolerance: 1e-5, relative where magnitudes are large."""
+    want = want.float()
+    atol = FP32_TOL * max(1.0, want.abs().max().item())
+    torch.testing.assert_close(got, want, atol=atol, rtol=FP32_TOL, msg=lambda m: f"{what}: {m}")
+
+
+def assert_low_precision(got: torch.Tensor, oracle: torch.Tensor, torch_low: torch.Tensor, what: str = "") -> None:
+    """SPEC §6 bf16/fp16 budget: at most 2x the error of PyTorch's own low-precision result vs the
+    fp32 (or fp64) oracle, plus a tiny floor so an exact PyTorch result does not make the budget 0."""
+    err = (got.double() - oracle.double()).abs().max().item()
+    err_torch = (torch_low.double() - oracle.double()).abs().max().item()
+    assert err <= 2 * err_torch + 1e-6, f"{what}: err {err} vs torch's own {err_torch}"
+
+
 def max_diff(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a.float() - b.float()).abs().max())

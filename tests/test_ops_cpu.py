@@ -16,6 +16,7 @@ import sys
 
 import pytest
 import torch
+from conftest import assert_fp32_close, assert_low_precision
 
 from lineas_fast.ops import reference as ref
 
@@ -92,25 +93,14 @@ def up(args):
     return tuple(a.float() if i in (0, 1, 2) and a is not None else a for i, a in enumerate(args))
 
 
-def check_fp32(got, want, what=""):
-    atol = 1e-5 * max(1.0, want.abs().max().item())  # 1e-5, relative where magnitudes are large
-    torch.testing.assert_close(got, want, atol=atol, rtol=1e-5, msg=lambda m: f"{what}: {m}")
-
-
-def check_low(got, ref32, torch_low, what=""):
-    err = (got.float() - ref32).abs().max().item()
-    err_torch = (torch_low.float() - ref32).abs().max().item()
-    assert err <= 2 * err_torch + 1e-6, f"{what}: err {err} vs torch's own {err_torch}"
-
-
 def check_forward(y, args):
     x = args[0]
     assert y.shape == x.shape and y.dtype == x.dtype and y.is_contiguous()
     ref32 = ref.norm_affine(*up(args))
     if x.dtype == torch.float32:
-        check_fp32(y, ref32, "forward")
+        assert_fp32_close(y, ref32, "forward")
     else:
-        check_low(y, ref32, ref.norm_affine(*args, upcast=False), f"forward {x.dtype}")
+        assert_low_precision(y, ref32, ref.norm_affine(*args, upcast=False), f"forward {x.dtype}")
 
 
 def check_backward(grads, args, go):
@@ -120,14 +110,14 @@ def check_backward(grads, args, go):
     assert gx.shape == x.shape and gx.dtype == x.dtype
     assert gs.dtype == gb.dtype == torch.float32 and gs.shape == gb.shape == args[6].shape
     rx, rs, rb = ref.norm_affine_backward(go.float(), *up(args))
-    check_fp32(gs, rs, "grad_scale")
-    check_fp32(gb, rb, "grad_shift")
+    assert_fp32_close(gs, rs, "grad_scale")
+    assert_fp32_close(gb, rb, "grad_shift")
     if x.dtype == torch.float32:
-        check_fp32(gx, rx, "grad_x")
+        assert_fp32_close(gx, rx, "grad_x")
     else:  # PyTorch's own: autograd through the reference computed in x's dtype
         xl = x.detach().clone().requires_grad_()
         (tl,) = torch.autograd.grad(ref.norm_affine(xl, *args[1:], upcast=False), xl, go)
-        check_low(gx, rx, tl, f"grad_x {x.dtype}")
+        assert_low_precision(gx, rx, tl, f"grad_x {x.dtype}")
 
 
 # ------------------------------------------------------------------ forward
@@ -150,7 +140,7 @@ def test_forward_routing_and_tables(ops, shape, kind, k, route):
     check_forward(y, args)
     if k == "0":  # identity table: plain norm, whatever the routing
         plain = ref.normalize(args[0].float(), args[1], args[2], args[3], args[4], args[5])
-        check_fp32(y, plain, "identity table")
+        assert_fp32_close(y, plain, "identity table")
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, *LOW], ids=str)
@@ -233,7 +223,7 @@ def test_backward_routing_and_optional(ops, kind, weight, bias, route):
     rx, rs, _ = ref.norm_affine_backward(go, *up(low))
     assert gx.dtype == torch.bfloat16
     torch.testing.assert_close(gx, rx.bfloat16())
-    check_fp32(gs, rs, "grad_scale (mixed dtypes)")
+    assert_fp32_close(gs, rs, "grad_scale (mixed dtypes)")
 
 
 @pytest.mark.parametrize("kind", KINDS)
@@ -249,7 +239,7 @@ def test_autograd_matches_reference(ops, shape, kind):
         a = (x, *args[1:6], scale, shift, *args[8:])
         grads.append(torch.autograd.grad(fn(*a), (x, scale, shift), go))
     for name, got, want in zip(("x", "scale", "shift"), *grads):
-        check_fp32(got, want, f"grad {name}")
+        assert_fp32_close(got, want, f"grad {name}")
 
 
 def test_opcheck(ops):

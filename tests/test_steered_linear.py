@@ -17,6 +17,7 @@ import sys
 
 import pytest
 import torch
+from conftest import assert_fp32_close, assert_low_precision
 
 from lineas_fast.ops import reference as ref
 
@@ -109,26 +110,14 @@ def torch_low_grads(go, args):
     return torch.autograd.grad(y, (x, scale, shift), go, materialize_grads=True)
 
 
-def check_fp32(got, want, what=""):
-    want = want.float()
-    atol = 1e-5 * max(1.0, want.abs().max().item())  # 1e-5, relative where magnitudes are large
-    torch.testing.assert_close(got, want, atol=atol, rtol=1e-5, msg=lambda m: f"{what}: {m}")
-
-
-def check_low(got, oracle, torch_low, what=""):
-    err = (got.double() - oracle).abs().max().item()
-    err_torch = (torch_low.double() - oracle).abs().max().item()
-    assert err <= 2 * err_torch + 1e-6, f"{what}: err {err} vs torch's own {err_torch}"
-
-
 def check_forward(y, args):
     x, w = args[0], args[1]
     assert y.shape == (*x.shape[:-1], w.shape[0]) and y.dtype == x.dtype and y.is_contiguous()
     oracle = hand(*args)
     if x.dtype == torch.float32:
-        check_fp32(y, oracle, "forward")
+        assert_fp32_close(y, oracle, "forward")
     else:
-        check_low(y, oracle, ref.steered_linear(*args, upcast=False), f"forward {x.dtype}")
+        assert_low_precision(y, oracle, ref.steered_linear(*args, upcast=False), f"forward {x.dtype}")
 
 
 def check_backward(grads, args, go):
@@ -139,11 +128,11 @@ def check_backward(grads, args, go):
     oracle = hand_grads(go, args)
     if x.dtype == torch.float32:
         for name, got, want in zip(("grad_x", "grad_scale", "grad_shift"), grads, oracle):
-            check_fp32(got, want, name)
+            assert_fp32_close(got, want, name)
     else:
         for name, got, want, low in zip(("grad_x", "grad_scale", "grad_shift"), grads, oracle,
                                         torch_low_grads(go, args)):
-            check_low(got, want, low, f"{name} {x.dtype}")
+            assert_low_precision(got, want, low, f"{name} {x.dtype}")
 
 
 # ------------------------------------------------------------------ forward and backward
@@ -172,8 +161,8 @@ def test_routing_and_tables(impl, shape, where, k, route):
     gx, gs, gb = bwd(go, *args)
     check_backward((gx, gs, gb), args, go)
     if k == "0" or route == "none":  # identity table / nothing steered: a plain Linear
-        check_fp32(y, torch.nn.functional.linear(*args[:3]), "identity")
-        check_fp32(gx, go @ args[1], "identity grad_x")
+        assert_fp32_close(y, torch.nn.functional.linear(*args[:3]), "identity")
+        assert_fp32_close(gx, go @ args[1], "identity grad_x")
     if route == "none":
         assert not gs.abs().sum() and not gb.abs().sum()
 
@@ -204,7 +193,7 @@ def test_autograd(impl, where):
     y = fwd(x, w, args[2], args[3], scale, shift, *args[6:])
     y.backward(go)
     for name, got, want in zip(("x", "scale", "shift"), (x.grad, scale.grad, shift.grad), hand_grads(go, args)):
-        check_fp32(got, want, f"grad {name}")
+        assert_fp32_close(got, want, f"grad {name}")
     if fwd is not ref.steered_linear:
         assert w.grad is None
 
@@ -224,7 +213,7 @@ def test_edges(ops):
     assert gx.dtype == torch.bfloat16
     rx, rs, _ = ref.steered_linear_backward(go, *low)
     torch.testing.assert_close(gx, rx.bfloat16())
-    check_fp32(gs, rs, "grad_scale (mixed dtypes)")
+    assert_fp32_close(gs, rs, "grad_scale (mixed dtypes)")
 
 
 @pytest.mark.parametrize("dtype", LOW, ids=str)
@@ -301,12 +290,12 @@ def test_opcheck_without_cpp_kernel():
             "assert ops.CPU_KERNELS_MISSING\n"
             "assert not torch._C._dispatch_has_kernel_for_dispatch_key('lineas::steered_linear', 'CPU')\n"
             f"sys.path.insert(0, {os.path.dirname(os.path.abspath(__file__))!r})\n"
-            "from test_steered_linear import _opcheck_cases, hand, check_fp32\n"
+            "from test_steered_linear import _opcheck_cases, hand, assert_fp32_close\n"
             "for f, go, a in _opcheck_cases():\n"
             "    torch.library.opcheck(torch.ops.lineas.steered_linear.default, f)\n"
             "    torch.library.opcheck(torch.ops.lineas.steered_linear_backward.default, (go, *a))\n"
             "    if a[0].dtype == torch.float32:\n"
-            "        check_fp32(torch.ops.lineas.steered_linear(*a), hand(*a))\n")
+            "        assert_fp32_close(torch.ops.lineas.steered_linear(*a), hand(*a))\n")
 
 
 def test_cpu_kernel_is_dispatched(ops):
@@ -333,9 +322,9 @@ def test_threads_and_determinism(ops):
         y2, g2, g3 = ops.steered_linear(*args), ops.steered_linear_backward(go, *args), \
             ops.steered_linear_backward(go, *args)
         torch.set_num_threads(1)
-        check_fp32(y2, y1, "2 threads")
+        assert_fp32_close(y2, y1, "2 threads")
         for a, b, c in zip(g1, g2, g3):
-            check_fp32(b, a, "2 threads backward")
+            assert_fp32_close(b, a, "2 threads backward")
             assert torch.equal(b, c)
         check_backward(g2, args, go)
 
