@@ -27,14 +27,10 @@ to 1073741824 when they are missing. Command used for benchmarks/results/norm_af
 from __future__ import annotations
 
 import argparse
-import os
-import statistics
-import sys
-import time
 
-MALLOC = {"MALLOC_MMAP_THRESHOLD_": "1073741824", "MALLOC_TRIM_THRESHOLD_": "1073741824"}
-if any(os.environ.get(k) != v for k, v in MALLOC.items()):  # must be set before the process starts
-    os.execve(sys.executable, [sys.executable, *sys.argv], {**os.environ, **MALLOC})
+from timing import ensure_malloc_env, interleaved  # benchmarks/ (the script folder) is on sys.path
+
+ensure_malloc_env()  # must happen before torch allocates anything
 
 import lineas_fast._C  # noqa: F401  (registers the CPU kernels; fails here if the extension is not built)
 import torch
@@ -97,28 +93,6 @@ def backward_candidates(args):
         "op": lambda: bop(go, *args),
         "eager": lambda: torch.autograd.grad(out, (xr, sr, hr), go, retain_graph=True),
     }
-
-
-def calibrate(fn, target_s):
-    """Calls per sample so that one sample takes about target_s."""
-    fn()
-    t = time.perf_counter()
-    fn()
-    one = max(time.perf_counter() - t, 1e-6)
-    return max(1, int(target_s / one))
-
-
-def interleaved(fns: dict, repeats: int, target_s: float) -> dict:
-    """Median seconds per call of each candidate, samples taken in rotation (A, B, C, A, B, C, ...)."""
-    inner = {k: calibrate(f, target_s) for k, f in fns.items()}
-    samples = {k: [] for k in fns}
-    for _ in range(repeats):
-        for k, f in fns.items():
-            t = time.perf_counter()
-            for _ in range(inner[k]):
-                f()
-            samples[k].append((time.perf_counter() - t) / inner[k])
-    return {k: statistics.median(v) for k, v in samples.items()}
 
 
 def main() -> None:
