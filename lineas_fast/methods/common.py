@@ -19,6 +19,6 @@ def model_meta(model) -> dict:
         raise SteeringError(f"{type(model).__name__} has no .config: pass a transformers model")
     return {
         "model_type": getattr(cfg, "model_type", ""),
-        "model_class": type(model).__name__,
+        "model_class": getattr(model, "model_class", type(model).__name__),  # a pipeline view: its pipeline
         "name_or_path": str(getattr(cfg, "name_or_path", "") or getattr(model, "name_or_path", "") or ""),
     }

@@ -57,6 +57,9 @@ def steer_(model, steering, strength=1.0, mode: str | None = None, backend: str 
     """Patch ``model`` in place with one steering, or several by name for per-row routing.
 
     Args:
+        model: a transformers model, or a diffusers pipeline (its denoiser and text encoders; per-row
+            strengths and routes are per prompt, and under classifier-free guidance both halves of the
+            denoiser batch follow their prompt).
         steering: a :class:`Steering` or ``{name: Steering}`` (rows start unsteered; use ``route``).
         strength: float, or a tensor ``[batch]`` of per-row strengths (single steering).
         mode: ``"fused"`` (kernels), ``"hooks"`` (reference) or ``"fold"`` (weights, fixed strength);
@@ -66,11 +69,19 @@ def steer_(model, steering, strength=1.0, mode: str | None = None, backend: str 
     Returns:
         a :class:`SteerHandle` (``set_strength``, ``route``, ``remove``; also a context manager).
     """
+    from ..diffusion.view import as_model
+
     steerings = _normalise(steering)
+    model = as_model(model)
     if getattr(model, ATTR, None) is not None:
         raise SteeringError("model is already steered: remove() the existing handle first")
+    from .handle import _as_strength
+
+    rows = _as_strength(strength).numel()  # raises on NaN/inf/empty before anything changes
+    # a pipeline's per-prompt rows need the CFG-aware expansion of hooks (see SteerHandle)
+    per_prompt = getattr(model, "is_pipeline_view", False) and (rows > 1 or len(steerings) > 1)
     if mode is None:
-        mode = "fused" if fused_available(model, steerings) is None else "hooks"
+        mode = "fused" if fused_available(model, steerings) is None and not per_prompt else "hooks"
     if mode not in MODES:
         raise SteeringError(f"mode={mode!r}: expected one of {MODES}")
     if mode == "fold" and len(steerings) > 1:
@@ -80,7 +91,10 @@ def steer_(model, steering, strength=1.0, mode: str | None = None, backend: str 
             st.check_model(model)
         except SteeringError as e:
             raise SteeringError(f"steering {name!r}: {e}") if len(steerings) > 1 else e from None
-    if mode == "fold" and torch.as_tensor(strength).numel() != 1:
+    if mode == "fused" and per_prompt:
+        raise SteeringError("per-prompt strengths or several steerings on a pipeline need mode='hooks' (the fused "
+                            "kernels expand rows for generate(), not for a CFG-doubled denoiser batch)")
+    if mode == "fold" and rows != 1:
         raise SteeringError("mode='fold' has one fixed strength: per-row strengths need mode='hooks'")
     if mode == "fold":
         _refuse_clamped(next(iter(steerings.values())), "mode='fold'")
@@ -112,10 +126,18 @@ def bake(model, steering: Steering, strength: float = 1.0):
     RMSNorm shifts need biases on the consuming Linear layers: the config flag that gives them one
     (e.g. ``attention_bias``/``mlp_bias``) is set and every Linear it governs gets an explicit (zero)
     bias. Refuses, naming the sites and leaving the model untouched, where no flag can express it.
-    Returns the model.
+    A diffusers pipeline is baked in its existing parameters only (``pipe.save_pretrained()`` then
+    reloads in stock diffusers); a site needing a parameter its module lacks is refused.
+    Returns the model (or pipeline).
     """
+    from ..diffusion.view import as_model, is_pipeline
+
     if not isinstance(steering, Steering):
         raise SteeringError(f"bake() takes one Steering, got {type(steering).__name__}")
+    if is_pipeline(model):
+        from ..diffusion.bake import bake_pipeline
+
+        return bake_pipeline(model, as_model(model), steering, strength, _refuse_clamped)
     if getattr(model, ATTR, None) is not None:
         raise SteeringError("model is currently steered: remove() the handle before baking")
     steering.check_model(model)

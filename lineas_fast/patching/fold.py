@@ -9,6 +9,9 @@ With a = 1−λ+λω and c = λb per site:
 * Linear output:     W'[j,:] = a_j W[j,:], bias' = a⊙bias + c  (also for sites that are the output of
   one Linear, e.g. ``mlp`` → ``mlp.down_proj``).
 * Linear input (``:in``): W' = W·diag(a), bias' = bias + W c.
+* GroupNorm output (diffusers' ResNets): per channel, as LayerNorm. A LayerNorm/GroupNorm without affine
+  parameters (DiT blocks' pre-modulation norms) gets them at run time: γ' = a, β' = c.
+* Conv2d output: W'[o] = a_o W[o], bias' = a⊙bias + c.
 
 Sites are folded in reverse model order, each using the weights as already modified downstream, which
 makes stacked folds on one Linear (input site + output site + a norm shift) compose exactly. Every
@@ -29,7 +32,7 @@ from ..sites import Site, decoder_blocks, family
 @dataclass
 class FoldStep:
     site: str
-    kind: str               # "layernorm" | "rmsnorm" | "linear_out" | "linear_in"
+    kind: str               # "layernorm" | "rmsnorm" | "linear_out" | "linear_in" | "conv_out"
     module: str             # the module whose parameters change
     consumers: tuple = ()   # rmsnorm: Linear modules absorbing the shift
     offset: float = 0.0     # rmsnorm: Gemma's (1 + weight)
@@ -62,7 +65,9 @@ def plan_fold(model, sites: list[str], shift_nonzero: dict[str, bool]) -> list[F
         cls = type(module).__name__
         prefix, rel = _split_block(model, site.module)
         rel_spec = rel + spec[len(site.module):]
-        if not site.is_input and site.index is None and "norm" in cls.lower() and getattr(module, "weight", None) is not None:
+        plain_norm = isinstance(module, (nn.LayerNorm, nn.GroupNorm))  # with or without affine parameters
+        if not site.is_input and site.index is None and "norm" in cls.lower() and \
+                (plain_norm or getattr(module, "weight", None) is not None):
             if "rms" in cls.lower():
                 consumers = tuple(prefix + c for c in (fam.consumers.get(rel, ()) if fam else ()))
                 if shift_nonzero[spec] and not consumers:
@@ -73,6 +78,8 @@ def plan_fold(model, sites: list[str], shift_nonzero: dict[str, bool]) -> list[F
                 steps.append(FoldStep(spec, "layernorm", site.module))
         elif _is_linear(module) and site.index is None:
             steps.append(FoldStep(spec, "linear_in" if site.is_input else "linear_out", site.module))
+        elif isinstance(module, nn.Conv2d) and site.index is None and not site.is_input:
+            steps.append(FoldStep(spec, "conv_out", site.module))
         elif fam and rel_spec in fam.linear_alias:
             steps.append(FoldStep(spec, "linear_out", prefix + fam.linear_alias[rel_spec]))
         else:
@@ -89,14 +96,14 @@ class WeightEditor:
         self.model = model
         self.saved: dict[tuple[str, str], torch.Tensor | None] = {}
 
-    def _param(self, module_name: str, attr: str, like: torch.Tensor | None = None) -> torch.Tensor:
+    def _param(self, module_name: str, attr: str, like: torch.Tensor | None = None, fill: float = 0.0) -> torch.Tensor:
         module = self.model.get_submodule(module_name)
         p = getattr(module, attr)
         key = (module_name, attr)
         if key not in self.saved:
             self.saved[key] = None if p is None else p.detach().clone()
-        if p is None:
-            p = nn.Parameter(torch.zeros_like(like), requires_grad=False)
+        if p is None:  # created: removed again by restore()
+            p = nn.Parameter(torch.full_like(like, fill), requires_grad=False)
             setattr(module, attr, p)
         return p.data
 
@@ -115,10 +122,10 @@ class WeightEditor:
 
     def apply(self, step: FoldStep, a: torch.Tensor, c: torch.Tensor) -> None:
         module = self.model.get_submodule(step.module)
-        dev = module.weight.device
+        dev, dtype = _home(self.model, module)
         a, c = a.to(dev), c.to(dev)
         if step.kind == "layernorm":
-            w = self._param(step.module, "weight")
+            w = self._param(step.module, "weight", like=a.to(dtype), fill=1.0)
             w.copy_((a * w.float()).to(w.dtype))
             if module.bias is not None or bool(c.any()):
                 b = self._param(step.module, "bias", like=w)
@@ -136,12 +143,23 @@ class WeightEditor:
             if module.bias is not None or bool(c.any()):
                 b = self._param(step.module, "bias", like=w.new_zeros(a.numel()))
                 b.copy_((a * b.float() + c).to(b.dtype))
+        elif step.kind == "conv_out":
+            w = self._param(step.module, "weight")
+            w.copy_((w.float() * a[:, None, None, None]).to(w.dtype))
+            if module.bias is not None or bool(c.any()):
+                b = self._param(step.module, "bias", like=w.new_zeros(a.numel()))
+                b.copy_((a * b.float() + c).to(b.dtype))
         elif step.kind == "linear_in":
             conv = type(module).__name__ == "Conv1D"
             if bool(c.any()):
                 self.add_bias(step.module, self.linear_shift(step.module, c))
             w = self._param(step.module, "weight")
             w.copy_((w.float() * (a[:, None] if conv else a[None, :])).to(w.dtype))
+
+    @property
+    def created(self) -> list[tuple[str, str]]:
+        """``(module, attr)`` of every parameter the fold had to create (absent before)."""
+        return [key for key, orig in self.saved.items() if orig is None]
 
     def restore(self) -> None:
         """Put every original back (bit-exact); created parameters are removed."""
@@ -152,6 +170,14 @@ class WeightEditor:
             else:
                 getattr(module, attr).data.copy_(orig)
         self.saved.clear()
+
+
+def _home(model: nn.Module, module: nn.Module) -> tuple[torch.device, torch.dtype]:
+    """Device and dtype of a module's parameters (a parameter-free norm: the model's)."""
+    p = next(module.parameters(), None)
+    if p is None:
+        p = next(model.parameters())
+    return p.device, p.dtype
 
 
 def fold_into(model, steering_sites: list[str], scale: dict, shift: dict, strength: float) -> WeightEditor:

@@ -27,9 +27,12 @@ class SteerHandle:
         self.names = list(steerings)
         self.sites = list(dict.fromkeys(s for st in steerings.values() for s in st.sites))
         self._hooks, self._editor, self._strength, self._fused = [], None, None, None
+        self._untrack = None
         if mode in ("hooks", "fused"):
             devices = {s: _site_device(model, s) for s in self.sites}
             self.tables = SteeringTables(steerings, self.sites, devices)
+            if getattr(model, "is_pipeline_view", False):  # CFG-doubled denoiser batches follow their prompt
+                self.tables.row_index = model.row_index
             hooked = self.sites
             if mode == "fused":
                 fused, left = plan_fused(model, steerings, self.sites)
@@ -42,6 +45,8 @@ class SteerHandle:
                 hooked = list(left)
             self._set_initial(strength)
             self._hooks = install_hooks(model, hooked, self.tables)
+            if self.tables.row_index is not None:
+                self._untrack = model.track_layout()
         else:  # fold: one steering at one fixed strength
             st = steerings[self.names[0]]
             self._strength = float(strength)
@@ -68,6 +73,9 @@ class SteerHandle:
         self._set_rows(ids, s)
 
     def _set_rows(self, ids: torch.Tensor, strength: torch.Tensor) -> None:
+        if self._fused is not None and self.tables.row_index is not None and ids.numel() > 1:
+            raise SteeringError("per-prompt strengths or routes on a pipeline need mode='hooks' (the fused "
+                                "kernels expand rows for generate(), not for a CFG-doubled denoiser batch)")
         self.tables.set_rows(ids, strength)
         if self._fused is not None:
             self._fused.set_rows(self.tables.ids, self.tables.strength)
@@ -120,6 +128,9 @@ class SteerHandle:
         if self._editor is not None:
             self._editor.restore()
             self._editor = None
+        if self._untrack is not None:
+            self._untrack()
+            self._untrack = None
         delattr(self.model, ATTR)
 
     def _check_live(self) -> None:

@@ -38,6 +38,7 @@ class SteeringTables:
                         lo[k], hi[k] = st.support[site]
                 self.lo[site], self.hi[site] = lo.to(device_of[site]), hi.to(device_of[site])
         # routing: R rows (R = 1 broadcasts to any batch).
+        self.row_index = None  # optional (site, batch, rows) -> entry per row, for other batch layouts
         self.ids = torch.zeros(1, dtype=torch.long)
         self.strength = torch.ones(1)
         self._cache: dict = {}  # (site, rows) -> (a, c), valid until the routing changes
@@ -54,11 +55,14 @@ class SteeringTables:
                 raise SteeringError(f"batch of {batch} rows does not match the {rows} rows given to "
                                     f"route()/set_strength() (nor a multiple of it)")
         cache = self._cache
-        key = (site, batch if rows != 1 else 1)
+        index = self.row_index(site, batch, rows) if self.row_index is not None and rows != 1 else None
+        key = (site, batch if rows != 1 else 1, None if index is None else tuple(index.tolist()))
         if key not in cache:
             w, b = self.scale[site], self.shift[site]
             ids, s = self.ids.to(w.device), self.strength.to(w.device)
-            if rows not in (1, batch):
+            if index is not None:
+                ids, s = ids[index.to(w.device)], s[index.to(w.device)]
+            elif rows not in (1, batch):
                 ids, s = ids.repeat_interleave(batch // rows), s.repeat_interleave(batch // rows)
             s = torch.where(ids < 0, torch.zeros_like(s), s)[:, None]
             ids = ids.clamp(min=0)
@@ -68,10 +72,13 @@ class SteeringTables:
         return cache[key]
 
     def apply(self, site: str, h: torch.Tensor) -> torch.Tensor:
-        """Steer a site tensor ``[B, ..., d]`` (fp32 math, result in h's dtype)."""
+        """Steer a site tensor ``[B, ..., d]`` or conv features ``[B, d, H, W]`` (fp32 math, h's dtype)."""
         coef = self.coefficients(site, h.shape[0])
         a = coef[0]
-        shape = (a.shape[0],) + (1,) * (h.ndim - 2) + (a.shape[1],)
+        if h.ndim == 4:  # per channel (sites.channel_dim)
+            shape = (a.shape[0], a.shape[1], 1, 1)
+        else:
+            shape = (a.shape[0],) + (1,) * (h.ndim - 2) + (a.shape[1],)
         x = h.float()
         out = x * a.view(shape) + coef[1].view(shape)
         if len(coef) == 4:  # support clamp: outside lo < x < hi the value passes through

@@ -1,0 +1,11 @@
+"""Text-to-image steering with diffusers pipelines (see :mod:`lineas_fast.diffusion.view` for sites).
+
+``lf.fit(pipe, None, source=..., target=...)``, ``lf.steer_(pipe, st)``, ``lf.bake(pipe, st)`` and
+``lf.collect(pipe, None, prompts, ...)`` take a pipeline wherever they take a model: the pipeline's
+denoiser and text encoders are steered in place through a :class:`PipelineView`.
+"""
+
+from .run import call_pipeline, collect_diffusion
+from .view import PRESETS, PipelineView, as_model, is_pipeline, view_of
+
+__all__ = ["PRESETS", "PipelineView", "as_model", "call_pipeline", "collect_diffusion", "is_pipeline", "view_of"]

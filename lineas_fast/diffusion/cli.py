@@ -1,0 +1,53 @@
+"""The ``--pipeline`` side of ``lineas-fast fit`` and ``lineas-fast generate`` (argument handling only;
+the work is in :mod:`lineas_fast.diffusion.lineas`, :mod:`~lineas_fast.diffusion.run` and
+:mod:`~lineas_fast.diffusion.grid`)."""
+
+from __future__ import annotations
+
+import inspect
+
+from ..errors import SteeringError
+
+
+def parse_size(text: str | None):
+    if text is None:
+        return None
+    try:
+        h, w = (int(v) for v in text.lower().split("x"))
+    except ValueError:
+        raise SteeringError(f"--size {text!r}: expected HEIGHTxWIDTH, e.g. 512x512") from None
+    if h <= 0 or w <= 0:
+        raise SteeringError(f"--size {text!r}: height and width must be positive")
+    return h, w
+
+
+def pipeline_fit_options(args) -> tuple[set, dict]:
+    """The option names ``--method`` accepts on a pipeline, and the pipeline-call options to pass."""
+    from ..methods import METHODS
+    from .lineas import fit_lineas_pipeline
+    from .view import RUN_OPTIONS
+
+    if args.max_length is not None or args.autocast:
+        raise SteeringError("--max-length/--autocast apply to language models, not to --pipeline")
+    fn = fit_lineas_pipeline if args.method == "lineas" else METHODS[args.method]
+    accepted = set(inspect.signature(fn).parameters) | (set(RUN_OPTIONS) if args.method != "lineas" else set())
+    opts = {"size": parse_size(args.size), "num_inference_steps": args.num_inference_steps}
+    return accepted, {k: v for k, v in opts.items() if v is not None}
+
+
+def cmd_generate_pipeline(args) -> int:
+    from ..cli import _load_steering, _say, _strengths
+    from .grid import load_pipeline, save_grid, strength_grid
+
+    prompts = list(args.prompt) + list(args.prompts_opt)
+    if not prompts:
+        raise SteeringError("generate --pipeline: give at least one --prompt")
+    strengths = _strengths(args.strengths)
+    st = _load_steering(args.steering)
+    pipe = load_pipeline(args.pipeline, args.device, args.dtype)
+    pipe.set_progress_bar_config(disable=True)
+    images = strength_grid(pipe, st, prompts, strengths, num_inference_steps=args.num_inference_steps,
+                           guidance_scale=args.guidance_scale, seed=args.seed, size=parse_size(args.size))
+    path = save_grid(images, prompts, strengths, args.out)
+    _say(f"saved {path}: {len(prompts)} prompt row(s) x {len(strengths)} strength column(s) {strengths}")
+    return 0
