@@ -12,7 +12,7 @@ import torch
 import lineas_fast as lf
 from lineas_fast import collect_diffusion
 from lineas_fast.diffusion import view_of
-from tiny_pipelines import PIPELINES, tiny_pipeline
+from tiny_pipelines import MMDIT, PIPELINES, tiny_pipeline
 
 pytest.importorskip("diffusers")
 pytestmark = [pytest.mark.usefixtures("one_thread"),
@@ -262,3 +262,34 @@ def test_top_level_collect_and_resolve_take_a_pipeline(pipe):
     with pytest.raises(lf.SteeringError, match="unknown pipeline option"):
         with view_of(pipe).options(height=32):
             pass
+
+
+# ------------------------------------------------------------------ MM-DiT backbones (SD3, Flux)
+@pytest.mark.parametrize("kind", MMDIT)
+def test_mmdit_presets_fit_apply_and_fold(kind):
+    pipe = tiny_pipeline(kind)
+    kw = dict(max_sequence_length=16)
+    view = view_of(pipe)
+    assert any(s.endswith("attn:0") for s in view.resolve("attn_out"))  # joint attention: the image stream
+    sites = view.resolve("norms") + view.resolve("attn_out") + view.resolve("mlp_hidden")
+    st = lf.fit(pipe, None, SRC, TGT, method="mean_act", sites=sites, progress=False, pipe_kwargs=kw, **RUN)
+    acts = collect_diffusion(pipe, SRC[:2], sites, pipe_kwargs=kw, **RUN)
+    assert all(acts[s].shape == (2, st.meta["widths"][s]) for s in sites)
+    base = images(pipe, **kw)
+    with lf.steered(pipe, st, mode="hooks"):
+        hooks = images(pipe, **kw)
+    assert (hooks - base).abs().max() > 1e-4
+    norms_only = lf.Steering({s: st.scale[s] for s in view.resolve("norms")},
+                             {s: st.shift[s] for s in view.resolve("norms")}, st.meta)
+    with lf.steered(pipe, norms_only, mode="hooks"):
+        ref = images(pipe, **kw)
+    with lf.steered(pipe, norms_only, mode="fold"):
+        folded = images(pipe, **kw)
+    torch.testing.assert_close(folded, ref, rtol=0, atol=1e-5)
+    assert torch.equal(images(pipe, **kw), base)
+    strengths = [1.0, 0.4]
+    with lf.steered(pipe, st, strength=torch.tensor(strengths)):
+        both = images(pipe, **kw)
+    for i, s in enumerate(strengths):
+        with lf.steered(pipe, st, strength=s, mode="hooks"):
+            torch.testing.assert_close(both[i], images(pipe, **kw)[i], rtol=0, atol=1e-6)

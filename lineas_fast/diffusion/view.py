@@ -127,7 +127,7 @@ class PipelineView(nn.Module):
             elif preset == "resnet_out" and "resnet" in cls.lower():
                 out.append(f"{den}.{name}")
             elif preset == "attn_out" and cls.endswith("Attention") and hasattr(m, "to_q"):
-                joint = getattr(m, "to_add_out", None) is not None  # joint attention returns (image, text)
+                joint = getattr(m, "added_kv_proj_dim", None) is not None  # joint attention: (image, text)
                 out.append(f"{den}.{name}" + (":0" if joint else ""))
             elif preset in ("mlp_out", "mlp_hidden") and cls == "FeedForward":
                 if preset == "mlp_out":
