@@ -95,11 +95,18 @@ def test_lineas_fit_decreases_loss_and_leaves_pipeline_unchanged(pipe, fitted):
     assert getattr(view_of(pipe), "_lineas_fast_handle", None) is None
 
 
-@pytest.mark.parametrize("method", ["linear_act", "mean_act", "gaussian_ot"])
+@pytest.mark.parametrize("method", ["linear_act", "linear_act_incremental", "mean_act", "gaussian_ot"])
 def test_act_methods_fit_on_a_pipeline(pipe, method):
     st = lf.fit(pipe, None, SRC, TGT, method=method, sites="norms", progress=False, **RUN)
-    assert st.nnz() > 0 and st.meta["method"] == method
+    assert st.nnz() > 0 and st.meta["method"] == method.replace("_incremental", "")
+    assert st.meta["hyperparams"]["incremental"] == method.endswith("incremental")
     assert set(st.sites) == set(view_of(pipe).resolve("norms"))
+
+
+def test_actadd_default_site_on_a_pipeline(pipe):
+    st = lf.fit(pipe, None, SRC, TGT, method="actadd", progress=False, **RUN)
+    mlp = view_of(pipe).resolve("mlp_out")
+    assert st.sites == [mlp[(len(mlp) - 1) // 2]] and st.nnz() > 0
 
 
 def test_text_encoder_sites_fit_end_to_end(pipe):
