@@ -3,6 +3,9 @@
 * :mod:`.norm_affine` — LayerNorm / RMSNorm (+ Gemma ``(1 + w)`` variant) fused with per-row sparse
   steering, forward (``norm_affine_fwd``) and backward (``norm_affine_bwd``), as plain launchers that
   :mod:`lineas_fast.ops` registers for CUDA tensors.
+* :mod:`.steered_linear` — a Linear layer (one tiled matmul) with per-row steering fused as a prologue on
+  its input tiles or an epilogue on its output tiles, forward (``steered_linear_fwd``) and backward
+  (``steered_linear_bwd``), registered the same way.
 
 Importing this package never imports triton (it may be missing, and ``TRITON_INTERPRET`` must be set
 before it is imported); the launchers are loaded on first access, and :func:`available` says whether
@@ -14,8 +17,9 @@ from __future__ import annotations
 import importlib
 import os
 
-__all__ = ["available", "norm_affine_bwd", "norm_affine_fwd"]
-_LAZY = {"norm_affine_fwd": "norm_affine", "norm_affine_bwd": "norm_affine"}
+__all__ = ["available", "norm_affine_bwd", "norm_affine_fwd", "steered_linear_bwd", "steered_linear_fwd"]
+_LAZY = {"norm_affine_fwd": "norm_affine", "norm_affine_bwd": "norm_affine",
+         "steered_linear_fwd": "steered_linear", "steered_linear_bwd": "steered_linear"}
 
 
 def available() -> tuple[bool, str]:

@@ -156,9 +156,10 @@ def _load_gpu_kernels() -> str | None:
     ok, why = available()
     if not ok or "interpreter" in why:
         return why
-    from ..kernels import norm_affine_bwd, norm_affine_fwd
+    from ..kernels import norm_affine_bwd, norm_affine_fwd, steered_linear_bwd, steered_linear_fwd
 
-    for name, fn in (("norm_affine", norm_affine_fwd), ("norm_affine_backward", norm_affine_bwd)):
+    for name, fn in (("norm_affine", norm_affine_fwd), ("norm_affine_backward", norm_affine_bwd),
+                     ("steered_linear", steered_linear_fwd), ("steered_linear_backward", steered_linear_bwd)):
         if not torch._C._dispatch_has_kernel_for_dispatch_key(f"lineas::{name}", "CUDA"):
             _lib.impl(name, fn, "CUDA")
     return None

@@ -59,8 +59,9 @@ def resolve_backend(backend: str | None, device: torch.device):
     """The ``(norm_affine, steered_linear)`` implementations for ``device``, chosen once at patch time.
 
     None: the ``lineas::norm_affine`` op, whose dispatch picks the native kernel registered for the
-    device (C++ on CPU, Triton on CUDA) or the pure-torch reference. An explicit backend that cannot run
-    here raises :class:`SteeringError` saying why.
+    device (C++ on CPU, Triton on CUDA) or the pure-torch reference. ``"triton"``: the Triton forward
+    launchers themselves (``norm_affine_fwd``, ``steered_linear_fwd``; inference, no autograd). An explicit
+    backend that cannot run here raises :class:`SteeringError` saying why.
     """
     from .. import ops
     from ..backends import env_report
@@ -86,10 +87,10 @@ def resolve_backend(backend: str | None, device: torch.device):
             raise SteeringError(f"backend='triton' is unusable here: {why}")
         if device.type == "cpu" and "interpreter" not in why:
             raise SteeringError("backend='triton' on CPU tensors needs TRITON_INTERPRET=1 (tests only)")
-        from ..kernels import norm_affine_fwd
+        from ..kernels import norm_affine_fwd, steered_linear_fwd
 
-        # inference only (no autograd through the bare launcher); Linear sites: no Triton matmul yet
-        return norm_affine_fwd, ops.steered_linear
+        # the bare forward launchers: inference only (no autograd through them)
+        return norm_affine_fwd, steered_linear_fwd
     info = env_report()["cuda"]
     raise SteeringError(f"backend='cuda' is unusable here: {info['why']}" if not info["usable"] else
                         "backend='cuda': the CUDA extension has no norm_affine kernel yet; use 'triton'")
