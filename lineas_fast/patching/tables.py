@@ -54,7 +54,9 @@ class SteeringTables:
             if batch % rows:
                 raise SteeringError(f"batch of {batch} rows does not match the {rows} rows given to "
                                     f"route()/set_strength() (nor a multiple of it)")
-        cache = self._cache
+        # under torch.compile the few ops are traced into the graph: a cache there would be a guarded
+        # dict whose filling forces a recompile
+        cache = {} if torch.compiler.is_compiling() else self._cache
         index = self.row_index(site, batch, rows) if self.row_index is not None and rows != 1 else None
         key = (site, batch if rows != 1 else 1, None if index is None else tuple(index.tolist()))
         if key not in cache:
