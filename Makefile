@@ -25,10 +25,10 @@ demo: venv
 	$(BIN)/lineas-fast demo
 
 test: venv
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q --benchmark-quiet
 
 test-fast: venv
-	$(BIN)/python -m pytest -q -m "not slow"
+	$(BIN)/python -m pytest -q --benchmark-quiet -m "not slow"
 
 clean:
 	rm -rf build dist *.egg-info .pytest_cache lineas_fast/_C*.so

@@ -15,6 +15,8 @@ both norms, it times side by side (A/B interleaved, each sample a loop of calls,
 
 Ratios > 1 mean the C++ op is faster. Routing: one steering at strength 1 broadcast to every row
 (R = 1, the common case), or ``--routing rows`` (R = B, ids cycling over 0, 1, -1, strengths varying).
+The broader benchmark (torch.compile, GB/s, shapes up to [8192, 4096]) is ``bench_kernels.py``, which
+also holds the case builders this script uses.
 
 glibc's allocator makes large-tensor timings bimodal unless MALLOC_MMAP_THRESHOLD_ /
 MALLOC_TRIM_THRESHOLD_ are set before the process starts; the script re-executes itself with both set
@@ -28,48 +30,26 @@ from __future__ import annotations
 
 import argparse
 
-from timing import ensure_malloc_env, interleaved  # benchmarks/ (the script folder) is on sys.path
+# benchmarks/ (the script folder) is on sys.path
+from timing import ensure_malloc_env, interleaved
 
 ensure_malloc_env()  # must happen before torch allocates anything
 
-import lineas_fast._C  # noqa: F401  (registers the CPU kernels; fails here if the extension is not built)
 import torch
-import torch.nn.functional as F
 
-from lineas_fast.ops import reference as ref  # also defines the op schemas and autograd
+# The case builders (and the extension import) live in bench_kernels.py.
+from bench_kernels import DTYPES, KINDS, eager_norm, grad_closure, norm_case
+
+from lineas_fast.ops import reference as ref
 
 SHAPES = [(1024, 576), (4096, 2048)]
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
-KINDS = {"LayerNorm": ref.LAYERNORM, "RMSNorm": ref.RMSNORM}
-EPS = 1e-5
 
 
 def make(shape, dtype, kind, routing, seed=0):
-    """Input, op args (weight/bias in x's dtype, as a model holds them) and precomputed (a, c)."""
-    g = torch.Generator().manual_seed(seed)
-    B, d = shape
-    x = torch.randn(shape, generator=g).to(dtype)
-    w = (1 + 0.1 * torch.randn(d, generator=g)).to(dtype)
-    b = (0.1 * torch.randn(d, generator=g)).to(dtype) if kind == ref.LAYERNORM else None
-    K = 2
-    scale, shift = 1 + 0.2 * torch.randn(K, d, generator=g), 0.1 * torch.randn(K, d, generator=g)
-    if routing == "broadcast":
-        ids, strength, nrows = torch.tensor([0]), torch.tensor([1.0]), torch.tensor([1])
-    else:
-        ids = torch.tensor([0, 1, -1]).repeat(B // 3 + 1)[:B]
-        strength, nrows = torch.linspace(0.2, 1.5, B), torch.tensor([B])
-    args = (x, w, b, EPS, kind, 0.0, scale, shift, ids, strength, nrows)
-    a, c = ref.row_coefficients(B, x.device, scale, shift, ids, strength, nrows)
-    ac = (a[0], c[0]) if routing == "broadcast" else (a, c)  # [d] broadcast or one row per item
-    return args, ac
-
-
-def eager_norm(x, w, b, kind):
-    if kind == ref.LAYERNORM:
-        return F.layer_norm(x, x.shape[-1:], w, b, EPS)
-    h = x.float()  # transformers' LlamaRMSNorm.forward
-    h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + EPS)
-    return w * h.to(x.dtype)
+    """Op args and the precomputed (a, c) of the "lean" baseline ([d] broadcast or one row per item)."""
+    args = norm_case(shape, dtype, kind, routing, seed)
+    a, c = ref.row_coefficients(shape[0], args[0].device, *args[6:])
+    return args, ((a[0], c[0]) if routing == "broadcast" else (a, c))
 
 
 def candidates(args, ac):
@@ -84,15 +64,9 @@ def candidates(args, ac):
 
 
 def backward_candidates(args):
-    x, w, b, eps, kind, off, scale, shift, ids, strength, nrows = args
-    go = torch.randn_like(x)
-    xr, sr, hr = x.clone().requires_grad_(), scale.clone().requires_grad_(), shift.clone().requires_grad_()
-    out = ref.norm_affine(xr, w, b, eps, kind, off, sr, hr, ids, strength, nrows)
+    go = torch.randn_like(args[0])
     bop = torch.ops.lineas.norm_affine_backward
-    return {
-        "op": lambda: bop(go, *args),
-        "eager": lambda: torch.autograd.grad(out, (xr, sr, hr), go, retain_graph=True),
-    }
+    return {"op": lambda: bop(go, *args), "eager": grad_closure(ref.norm_affine, args, go)}
 
 
 def main() -> None:

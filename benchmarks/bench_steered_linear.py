@@ -19,7 +19,9 @@ With ``--backward``: ``lineas::steered_linear_backward`` vs ``torch.autograd.gra
 path (x, scale, shift requiring grad; W, b frozen; graph built once, only the backward timed).
 Ratios are medians over rounds of the per-round ratio (robust to other load drifting during the run).
 Routing: one dense steering (every channel steered) at strength 1 broadcast to all rows (R = 1), or
-``--routing rows`` (R = B, ids cycling 0, 1, -1, strengths varying).
+``--routing rows`` (R = B, ids cycling 0, 1, -1, strengths varying). The broader benchmark
+(torch.compile, GFLOP/s, larger shapes) is ``bench_kernels.py``, which also holds the case builders
+this script uses.
 
 glibc's allocator makes large-tensor timings bimodal unless MALLOC_MMAP_THRESHOLD_ /
 MALLOC_TRIM_THRESHOLD_ are set before the process starts; the script re-executes itself with both set
@@ -33,42 +35,20 @@ from __future__ import annotations
 
 import argparse
 
-from timing import ensure_malloc_env, interleaved  # benchmarks/ (the script folder) is on sys.path
+# benchmarks/ (the script folder) is on sys.path
+from timing import ensure_malloc_env, interleaved
 
 ensure_malloc_env()  # must happen before torch allocates anything
 
-import lineas_fast._C  # noqa: F401  (registers the CPU kernels; fails here if the extension is not built)
 import torch
 import torch.nn.functional as F
 
-from lineas_fast.ops import reference as ref  # also defines the op schemas and autograd
+# The case builders (and the extension import) live in bench_kernels.py.
+from bench_kernels import DTYPES, LINEAR_WRT, WHERE, grad_closure, linear_case
+from bench_kernels import eager_steered_linear as eager
 
 SHAPES = [(1024, 576, 1536), (1024, 1536, 576)]  # (rows, in_features, out_features)
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
-WHERE = {"prologue": ref.PROLOGUE, "epilogue": ref.EPILOGUE}
-
-
-def make(shape, dtype, where, routing, seed=0):
-    """Op args (x, W, b in ``dtype`` as a model holds them; a dense 2-entry fp32 table)."""
-    g = torch.Generator().manual_seed(seed)
-    M, d_in, d_out = shape
-    x = torch.randn(M, d_in, generator=g).to(dtype)
-    w = (torch.randn(d_out, d_in, generator=g) / d_in ** 0.5).to(dtype)
-    b = (0.1 * torch.randn(d_out, generator=g)).to(dtype)
-    d = d_in if where == ref.PROLOGUE else d_out
-    scale, shift = 1 + 0.2 * torch.randn(2, d, generator=g), 0.1 * torch.randn(2, d, generator=g)
-    if routing == "broadcast":
-        ids, strength, nrows = torch.tensor([0]), torch.tensor([1.0]), torch.tensor([1])
-    else:
-        ids = torch.tensor([0, 1, -1]).repeat(M // 3 + 1)[:M]
-        strength, nrows = torch.linspace(0.2, 1.5, M), torch.tensor([M])
-    return x, w, b, where, scale, shift, ids, strength, nrows
-
-
-def eager(x, w, b, where, scale, shift, ids, strength, nrows):
-    if where == ref.PROLOGUE:
-        return F.linear(ref.steer_rows(x, scale, shift, ids, strength, nrows), w, b)
-    return ref.steer_rows(F.linear(x, w, b), scale, shift, ids, strength, nrows)
+make = linear_case
 
 
 def candidates(args):
@@ -79,13 +59,10 @@ def candidates(args):
 
 
 def backward_candidates(args):
-    x, w, b, where, scale, shift, ids, strength, nrows = args
+    x, w = args[:2]
     go = torch.randn(x.shape[0], w.shape[0]).to(x.dtype)
-    xr, sr, hr = x.clone().requires_grad_(), scale.clone().requires_grad_(), shift.clone().requires_grad_()
-    out = eager(xr, w, b, where, sr, hr, ids, strength, nrows)
     bop = torch.ops.lineas.steered_linear_backward
-    return {"op": lambda: bop(go, *args),
-            "eager": lambda: torch.autograd.grad(out, (xr, sr, hr), go, retain_graph=True)}
+    return {"op": lambda: bop(go, *args), "eager": grad_closure(eager, args, go, LINEAR_WRT)}
 
 
 def main() -> None:
