@@ -1,0 +1,80 @@
+"""Run every benchmark in sequence and regenerate ``benchmarks/RESULTS.md`` and its plots from scratch —
+what ``make bench`` and ``lineas-fast bench`` run.
+
+Each step is one script (one concern) writing ``results/bench/<name>.json`` (numbers, settings,
+machine) and its markdown tables to ``results/bench/<name>.md``; :mod:`report` then renders RESULTS.md
+(stamped with machine, versions and commit), checks the issue's targets and draws the plots. Steps run
+one after another, never in parallel (two torch processes on 2 cores distort each other 20×).
+
+    python benchmarks/run_all.py [--quick] [--only kernels,inference,...] [--threads 2]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parent
+OUT = HERE / "results" / "bench"
+PEERS_PY = ROOT / ".venv-peers" / "bin" / "python"
+
+
+def steps(threads: int, quick: bool) -> dict[str, list[str]]:
+    q = ["--quick"] if quick else []
+    t = ["--threads", str(threads)]
+    py = sys.executable
+    return {
+        "kernels": [py, "bench_kernels.py", *t, *q, "--out", str(OUT / "kernels.json"), "--plot", str(OUT / "kernels.png")],
+        "inference": [py, "bench_inference.py", *t, *q, "--out", str(OUT / "inference.json")],
+        "training": [py, "bench_training.py", *t, *q, "--out", str(OUT / "training.json")],
+        "peers": [str(PEERS_PY), "bench_peers.py", *t, *q, "--out", str(OUT / "peers.json")],
+    }
+
+
+def run_step(name: str, cmd: list[str]) -> dict:
+    if name == "peers" and not PEERS_PY.exists():
+        msg = f"not run: {PEERS_PY} is missing (make bench creates it: bash benchmarks/peers/setup.sh)"
+        (OUT / f"{name}.md").write_text(msg + "\n")
+        print(f"[bench] {name}: {msg}", flush=True)
+        return {"name": name, "ok": False, "seconds": 0.0, "why": msg}
+    env = {**os.environ, "PYTHONPATH": f"{HERE}{os.pathsep}{ROOT}"}
+    print(f"[bench] {name}: {' '.join(Path(c).name if i < 2 else c for i, c in enumerate(cmd))}", flush=True)
+    t0 = time.perf_counter()
+    proc = subprocess.run(cmd, cwd=HERE, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    secs = time.perf_counter() - t0
+    (OUT / f"{name}.md").write_text(proc.stdout)
+    (OUT / f"{name}.log").write_text(proc.stderr)
+    ok = proc.returncode == 0
+    print(f"[bench] {name}: {'done' if ok else 'FAILED (exit %d)' % proc.returncode} in {secs:.0f} s"
+          + ("" if ok else f"; see {OUT / (name + '.log')}"), flush=True)
+    return {"name": name, "ok": ok, "seconds": round(secs, 1), "command": cmd[1:], "why": None if ok else proc.stderr[-2000:]}
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--quick", action="store_true", help="every script's smoke settings (minutes, not a result)")
+    p.add_argument("--only", default=None, metavar="LIST", help="comma-separated steps (the others keep their last results)")
+    args = p.parse_args(argv)
+    OUT.mkdir(parents=True, exist_ok=True)
+    all_steps = steps(args.threads, args.quick)
+    chosen = args.only.split(",") if args.only else list(all_steps)
+    unknown = [s for s in chosen if s not in all_steps]
+    if unknown:
+        p.error(f"unknown step(s) {unknown}; steps: {', '.join(all_steps)}")
+    t0 = time.perf_counter()
+    runs = [run_step(name, all_steps[name]) for name in chosen]
+    import report
+
+    report.write(runs, quick=args.quick, total_s=time.perf_counter() - t0, threads=args.threads)
+    print(f"[bench] wrote {HERE / 'RESULTS.md'} in {time.perf_counter() - t0:.0f} s", flush=True)
+    return 0 if all(r["ok"] or r["name"] == "peers" for r in runs) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
