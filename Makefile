@@ -6,7 +6,7 @@ BIN   := $(VENV)/bin
 # Re-install (and rebuild the C++ extension) only when the build inputs change.
 BUILD_INPUTS := setup.py pyproject.toml $(wildcard csrc/*.cpp csrc/*.h csrc/cuda/*.cu csrc/cuda/*.cpp csrc/cuda/*.h)
 
-.PHONY: venv demo test test-fast clean distclean
+.PHONY: venv demo test test-fast bench bench-quick clean distclean
 
 venv: $(VENV)/.stamp
 
@@ -29,6 +29,16 @@ test: venv
 
 test-fast: venv
 	$(BIN)/python -m pytest -q --benchmark-quiet -m "not slow"
+
+# Regenerates benchmarks/RESULTS.md and its plots from scratch (about 30 min on 2 cores); the peer
+# libraries run in their own venv (.venv-peers: their pins clash with the main venv).
+bench: venv
+	bash benchmarks/peers/setup.sh
+	$(BIN)/python benchmarks/run_all.py --threads 2
+
+bench-quick: venv
+	bash benchmarks/peers/setup.sh
+	$(BIN)/python benchmarks/run_all.py --threads 2 --quick
 
 clean:
 	rm -rf build dist *.egg-info .pytest_cache lineas_fast/_C*.so

@@ -1,6 +1,6 @@
 """``lineas-fast`` — the command line (also ``python -m lineas_fast``).
 
-Commands: ``demo`` (what ``make demo`` runs), ``fit``, ``generate``, ``eval``, ``bake``, ``env``.
+Commands: ``demo`` (what ``make demo`` runs), ``fit``, ``generate``, ``eval``, ``bake``, ``bench``, ``env``.
 Deliberate errors (:class:`lineas_fast.SteeringError`), missing packages and file-system errors are
 printed as one line ``error: ...`` on stderr with exit status 2; ``--traceback`` shows the full trace.
 """
@@ -240,7 +240,7 @@ def cmd_fit(args) -> int:
              "l1": args.l1, "group_l2": args.group_l2, "seed": args.seed, "normalize": args.normalize,
              "optimizer": args.optimizer, "batch_size": args.batch_size, "max_length": args.max_length,
              "support": args.support, "incremental": args.incremental or None, "multiplier": args.multiplier,
-             "autocast": args.autocast or None}
+             "autocast": args.autocast or None, "compile": args.compile or None}
     kwargs = {k: v for k, v in given.items() if v is not None}
     if kwargs.get("normalize") == "none":
         kwargs["normalize"] = None
@@ -497,6 +497,23 @@ def cmd_bake(args) -> int:
 # ------------------------------------------------------------------ env
 
 
+def cmd_bench(args) -> int:
+    """Run benchmarks/run_all.py of this source checkout (the scripts are not part of the package)."""
+    import subprocess
+
+    script = Path(__file__).resolve().parent.parent / "benchmarks" / "run_all.py"
+    if not script.is_file():
+        raise SteeringError("lineas-fast bench runs the benchmark scripts of a source checkout "
+                            "(benchmarks/run_all.py), which this installation does not have: clone the "
+                            "repository and run `make bench` there")
+    cmd = [sys.executable, str(script), "--threads", str(args.threads or 2)]
+    if args.quick:
+        cmd.append("--quick")
+    if args.only:
+        cmd += ["--only", args.only]
+    return subprocess.call(cmd)
+
+
 def cmd_env(args) -> int:
     import importlib.util
     import os
@@ -661,6 +678,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="actadd: scale of the mean difference [default: 1]")
     f.add_argument("--autocast", action="store_true",
                    help="lineas: run the model forward under bf16 autocast (maps, pooling and loss stay fp32)")
+    f.add_argument("--compile", action="store_true",
+                   help="lineas: compile the training step (torch.compile of the decoder blocks, static packed "
+                        "shapes; the first step pays the compilation)")
     _pipeline_args(f, fit=True)
     f.set_defaults(func=cmd_fit)
 
@@ -740,6 +760,17 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--no-verify", action="store_true",
                    help="skip reloading the checkpoint with stock transformers to compare logits")
     b.set_defaults(func=cmd_bake)
+
+    r = sub.add_parser(
+        "bench", parents=[common], formatter_class=fmt,
+        help="run every benchmark and regenerate benchmarks/RESULTS.md (source checkout)",
+        description="Run benchmarks/run_all.py of this source checkout: kernels, inference, training and the "
+                    "peer libraries (their venv comes from `make bench`; without it that step is reported as "
+                    "not run), then regenerate benchmarks/RESULTS.md and its plots. About 30 min on 2 cores.")
+    r.add_argument("--quick", action="store_true", help="every script's smoke settings (minutes; not a result)")
+    r.add_argument("--only", default=None, metavar="LIST",
+                   help="comma-separated steps among kernels,inference,training,peers (others keep their results)")
+    r.set_defaults(func=cmd_bench)
 
     v = sub.add_parser(
         "env", parents=[common], formatter_class=fmt,

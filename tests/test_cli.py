@@ -52,7 +52,7 @@ def test_top_level_help_lists_every_command(capsys):
     out = capsys.readouterr().out
     for cmd in COMMANDS:
         assert cmd in out
-    assert "bench" not in out  # arrives with its own issue; no placeholder
+    assert "bench" in out
 
 
 @pytest.mark.parametrize("cmd", list(COMMANDS))
@@ -243,3 +243,11 @@ def test_fit_autocast_flag(capsys, tmp_path, tiny_dir):
     rc, _, err = run(capsys, "fit", "--model", str(tiny_dir), "--source", src, "--target", tgt, "--method",
                      "mean_act", "--autocast", "--out", str(tmp_path / "b.safetensors"))
     assert_one_line_error(rc, err, "--autocast", "mean_act")
+
+
+def test_bench_outside_a_checkout_is_one_clear_error(tmp_path, monkeypatch, capsys):
+    import lineas_fast.cli as cli
+
+    monkeypatch.setattr(cli, "__file__", str(tmp_path / "lineas_fast" / "cli.py"))
+    assert main(["bench", "--quick"]) == 2
+    assert "source checkout" in capsys.readouterr().err

@@ -5,6 +5,10 @@ sites see upstream steering), pools each steered site, and compares the ``[n, Σ
 precomputed, pre-sorted target activations with one batched sort. The forward stops after the last
 site. Adam (or SGD) updates (ω, b); a proximal sparse-group-lasso step then selects neurons and sites.
 The model is left exactly as found: hooks are removed and ``requires_grad`` flags restored.
+
+The forward of a step is :class:`_EagerForward` (length-bucketed micro-batches, hooks that steer and
+pool) or, with ``compile=``, :class:`~.lineas_compile.CompiledForward` (packed static shapes, compiled
+decoder blocks); everything after it — loss, backward, optimizer, prox, bookkeeping — is shared.
 """
 
 from __future__ import annotations
@@ -21,6 +25,7 @@ from ..losses import column_weights, wasserstein_loss
 from ..sites import resolve_sites, site_widths
 from ..steering import Steering
 from .common import check_prompt_sets, model_meta
+from .lineas_compile import CompiledForward, compile_backend
 from .prox import prox_sparse_group, step_sizes
 
 # Chosen on the default task (SmolLM2-135M, 32 toxic vs 32 WikiText lines, SPEC §5 protocol); the sweep,
@@ -94,11 +99,60 @@ def _native_norm_kernel(device) -> bool:
     return torch._C._dispatch_has_kernel_for_dispatch_key("lineas::norm_affine", key)
 
 
+class _EagerForward:
+    """The reference training forward: length-bucketed micro-batches through the model with hooks that
+    steer each site (unless a fused norm already did) and pool it. ``bind(ω, b)`` then ``self(prompts)``."""
+
+    def __init__(self, model, tok, source, sites, slices, fused, *, pooling, max_length, micro_batch):
+        self.model, self.tok, self.source, self.sites, self.slices = model, tok, source, sites, slices
+        self.fused, self.pooling, self.max_length, self.micro_batch = set(fused), pooling, max_length, micro_batch
+        self.device = model_device(model)
+        self.pooled: dict[str, list] = {s: [] for s in sites}
+        self._batches: dict[tuple, list] = {}
+        self.mask = None
+
+    def __enter__(self):
+        self._tap = tap(self.model, self.sites, self._steer_and_pool)
+        self.seen = self._tap.__enter__()
+        return self
+
+    def __exit__(self, *exc):
+        self._tap.__exit__(*exc)
+
+    def bind(self, omega, shift) -> None:
+        self.omega, self.shift = omega, shift
+
+    def _steer_and_pool(self, spec, h):
+        if spec in self.fused:  # the fused norm already applied (ω, b): only pool
+            self.pooled[spec].append(pool(h.float(), self.mask, self.pooling))
+            return None
+        sl = self.slices[spec]
+        out = h.float() * self.omega[sl] + self.shift[sl]
+        self.pooled[spec].append(pool(out, self.mask, self.pooling))
+        return out.to(h.dtype)
+
+    def __call__(self, prompts: list[int]) -> torch.Tensor:
+        key = tuple(prompts)
+        batches = self._batches.get(key)
+        if batches is None:
+            chunks = length_buckets(self.tok, [self.source[i] for i in prompts], self.micro_batch)
+            batches = [encode(self.tok, chunk, self.max_length, self.device) for chunk in chunks]
+            if len(self._batches) < 4:  # the full batch repeats every step: encoded once
+                self._batches[key] = batches
+        for ids, mask in batches:
+            self.mask = mask
+            run_to_sites(self.model, ids, mask, self.seen)
+        z = torch.cat([torch.cat(self.pooled[s]) for s in self.sites], dim=1)
+        for s in self.sites:
+            self.pooled[s].clear()
+        return z
+
+
 def fit_lineas(model, tok, source, target, *, sites=DEFAULTS["sites"], pooling=DEFAULTS["pooling"],
                steps=DEFAULTS["steps"], lr=DEFAULTS["lr"], l1=DEFAULTS["l1"], group_l2=DEFAULTS["group_l2"],
                batch_size=DEFAULTS["batch_size"], normalize=DEFAULTS["normalize"],
                optimizer=DEFAULTS["optimizer"], max_length=DEFAULTS["max_length"], seed=DEFAULTS["seed"],
-               micro_batch: int = 8, fused: bool | None = None, autocast: bool = False,
+               micro_batch: int = 8, fused: bool | None = None, autocast: bool = False, compile: bool | str = False,
                progress: bool = True) -> Steering:
     """Fit LinEAS maps; see :func:`lineas_fast.fit` for the arguments."""
     source, target = check_prompt_sets(source, target)
@@ -111,6 +165,7 @@ def fit_lineas(model, tok, source, target, *, sites=DEFAULTS["sites"], pooling=D
     if steps < 0 or lr <= 0 or l1 < 0 or group_l2 < 0 or batch_size < 2:
         raise SteeringError(f"need steps >= 0, lr > 0, l1 >= 0, group_l2 >= 0, batch_size >= 2 "
                             f"(got {steps}, {lr}, {l1}, {group_l2}, {batch_size})")
+    backend = compile_backend(compile)
     site_list = resolve_sites(model, sites)
     widths = site_widths(model, site_list)
     offsets, slices = 0, {}
@@ -132,44 +187,36 @@ def fit_lineas(model, tok, source, target, *, sites=DEFAULTS["sites"], pooling=D
     shift = torch.zeros(offsets, device=device, requires_grad=True)
     opt = (torch.optim.Adam if optimizer == "adam" else torch.optim.SGD)([omega, shift], lr=lr)
     n = len(source)
+    history = {"loss": [], "nnz": [], "active_sites": [], "step_seconds": [], "phase_seconds": []}
 
-    def _batches(rows: list[int]) -> list[tuple[torch.Tensor, torch.Tensor]]:
-        chunks = length_buckets(tok, [source[i] for i in rows], micro_batch)
-        return [encode(tok, chunk, max_length, device) for chunk in chunks]
-
-    full_batches = _batches(list(range(n))) if batch_size >= n else None  # encoded once when every step uses all
-    history = {"loss": [], "nnz": [], "active_sites": []}
-    pooled: dict[str, list] = {s: [] for s in site_list}
-    box = {}
-
-    def steer_and_pool(spec, h):
-        if spec in trained.fused:  # the fused norm already applied (ω, b): only pool
-            pooled[spec].append(pool(h.float(), box["mask"], pooling))
-            return None
-        sl = slices[spec]
-        out = (h.float() * omega[sl] + shift[sl])
-        pooled[spec].append(pool(out, box["mask"], pooling))
-        return out.to(h.dtype)
-
-    bar = tqdm(range(steps), desc="LinEAS", disable=not progress)
     trained = _TrainedNorms(model, site_list, slices, fused)
-    with _FrozenModel(model), trained, tap(model, site_list, steer_and_pool) as seen:
+    if backend is None:
+        forward = _EagerForward(model, tok, source, site_list, slices, trained.fused, pooling=pooling,
+                                max_length=max_length, micro_batch=micro_batch)
+    else:
+        tokens = [list(t) for t in tok(source, truncation=max_length is not None, max_length=max_length)["input_ids"]]
+        pad = next((t for t in (tok.pad_token_id, tok.eos_token_id) if t is not None), 0)
+        forward = CompiledForward(model, tokens, site_list, slices, trained.fused, pooling=pooling,
+                                  rows_for=min(batch_size, n), pad_id=pad, backend=backend)
+    bar = tqdm(range(steps), desc="LinEAS", disable=not progress)
+    with _FrozenModel(model), trained, forward:
         for _ in bar:
+            t_step = time.perf_counter()
             trained.bind(omega, shift)  # fresh views of the parameters: one autograd graph per step
-            for ids, mask in (full_batches or _batches(torch.randperm(n, generator=gen)[:batch_size].tolist())):
-                box["mask"] = mask
-                with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast):
-                    run_to_sites(model, ids, mask, seen)
-            z = torch.cat([torch.cat(pooled[s]) for s in site_list], dim=1)
-            for s in site_list:
-                pooled[s].clear()
+            forward.bind(omega, shift)
+            prompts = list(range(n)) if batch_size >= n else torch.randperm(n, generator=gen)[:batch_size].tolist()
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast):
+                z = forward(prompts)
             if not torch.isfinite(z).all():
                 bad = next(s for s in site_list if not torch.isfinite(z[:, slices[s]]).all())
                 raise SteeringError(f"site {bad!r}: NaN or inf in steered activations during fit "
                                     f"(lower lr={lr} or check the model)")
+            t_fwd = time.perf_counter()
             loss = wasserstein_loss(z, v_sorted, weights)
+            t_loss = time.perf_counter()
             opt.zero_grad(set_to_none=True)
             loss.backward()
+            t_bwd = time.perf_counter()
             opt.step()
             gw, gb = step_sizes(opt, omega), step_sizes(opt, shift)
             prox_sparse_group(omega.data, shift.data, gw, gb, l1, group_l2, list(slices.values()))
@@ -180,6 +227,10 @@ def fit_lineas(model, tok, source, target, *, sites=DEFAULTS["sites"], pooling=D
             history["loss"].append(loss.item())
             history["nnz"].append(nnz)
             history["active_sites"].append(active)
+            t_end = time.perf_counter()
+            history["step_seconds"].append(round(t_end - t_step, 4))
+            history["phase_seconds"].append({"forward": round(t_fwd - t_step, 4), "loss": round(t_loss - t_fwd, 4),
+                                             "backward": round(t_bwd - t_loss, 4), "update": round(t_end - t_bwd, 4)})
             bar.set_postfix(loss=f"{history['loss'][-1]:.4g}", nnz=nnz, sites=active)
     fit_seconds = time.perf_counter() - t0
 
@@ -187,7 +238,8 @@ def fit_lineas(model, tok, source, target, *, sites=DEFAULTS["sites"], pooling=D
     shift_d = {s: shift.detach()[slices[s]].cpu() for s in site_list}
     hyper = dict(sites=sites if isinstance(sites, str) else list(sites), pooling=pooling, steps=steps, lr=lr,
                  l1=l1, group_l2=group_l2, batch_size=batch_size, normalize=normalize, optimizer=optimizer,
-                 max_length=max_length, seed=seed, n_source=len(source), n_target=len(target), autocast=autocast)
+                 max_length=max_length, seed=seed, n_source=len(source), n_target=len(target), autocast=autocast,
+                 compile=backend or False)
     meta = {"method": "lineas", **model_meta(model), "hyperparams": hyper,
             "train": {**history, "fit_seconds": round(fit_seconds, 3)}}
     return Steering(scale, shift_d, meta)
