@@ -33,7 +33,12 @@ def fit(model, tok, source, target, method: str = "lineas", **kwargs):
             ``group_l2`` (sparse group lasso), ``batch_size``, ``normalize`` (None|"var"), ``optimizer``
             (adam|sgd), ``max_length``, ``seed``, ``progress``, ``fused`` (None: norm sites through the fused
             op where a native kernel exists), ``autocast`` (bf16 autocast of the forward; the maps, pooling
-            and loss stay fp32 — 1.18× faster steps on the demo task with losses within 0.1 %).
+            and loss stay fp32 — 1.18× faster steps on the demo task with losses within 0.1 %), ``compile``
+            (True: the training forward runs with static packed shapes — prompts packed into fixed-width rows —
+            and each decoder block ``torch.compile``d; a backend name such as ``"aot_eager"`` picks another
+            backend; losses within 1e-4 of eager, no recompiles after the first step, the first step pays
+            the compilation (see :mod:`lineas_fast.methods.lineas_compile`); with ``autocast`` the fastest
+            option: see benchmarks/RESULTS.md), ``micro_batch`` (eager only: prompts per forward).
             AcT family: ``sites``, ``pooling`` (default mean), ``support`` (None or ``"q_0_100"``: apply only
             strictly inside the source range), ``incremental`` (fit sites in order with earlier maps
             applied), ``max_length``, ``batch_size``, ``seed``, ``progress``.
