@@ -161,7 +161,7 @@ def measure_model(label, model, tok_ids, args) -> dict:
             out[f"decode_b{batch}"] = rotate(model, st, variants,
                                              lambda v: decode(model, ids, args.new_tokens, False),
                                              args.decode_repeats)
-        if args.compile:  # a compilation per variant and input shape: decode batch 1 only
+        if args.compile and label.split()[0].lower() in args.compile_models:  # a compilation per variant and shape
             out["decode_b1_compiled"] = compiled_decode(model, st, tok_ids(1, 16), args)
         counts = {}
         for v in variants:
@@ -233,6 +233,9 @@ def main() -> None:
     p.add_argument("--prefill-len", type=int, default=128)
     p.add_argument("--wide-layers", type=int, default=4)
     p.add_argument("--no-compile", dest="compile", action="store_false", help="eager variants only")
+    p.add_argument("--compile-models", default="random", metavar="LIST",
+                   help="models whose compiled decode is measured: 'random' (the wide Llama) and/or 'smollm2-135m' "
+                        "(each SmolLM2 variant takes about a minute to compile on 2 cores, four variants)")
     p.add_argument("--quick", action="store_true", help="smoke: 2 rounds, 8 tokens, prefill 32, 1 wide layer")
     p.add_argument("--out", default=None, metavar="FILE.json")
     args = p.parse_args()

@@ -180,7 +180,7 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=5, help="steps per timed fit (the first is not counted)")
     p.add_argument("--repeats", type=int, default=2, help="timed rounds after the warm-up round")
     p.add_argument("--incremental-sites", type=int, default=10)
-    p.add_argument("--scaling-steps", type=int, default=3)
+    p.add_argument("--scaling-steps", type=int, default=2, help="steps per scaling fit (the first is not counted)")
     p.add_argument("--site-counts", type=int, nargs="+", default=[10, 20, 40, 60])
     p.add_argument("--fit-sizes", type=int, nargs="+", default=[32, 64, 128, 256])
     p.add_argument("--no-full", dest="full", action="store_false", help="skip the full 40-step fits")
@@ -188,7 +188,7 @@ def main() -> None:
     p.add_argument("--out", default=None, metavar="FILE.json")
     args = p.parse_args()
     if args.quick:
-        args.steps, args.repeats, args.full, args.scaling_steps = 3, 1, False, 2
+        args.steps, args.repeats, args.full = 3, 1, False
         args.site_counts, args.fit_sizes, args.incremental_sites = [10, 20], [16, 32], 3
     ensure_malloc_env()
     torch.set_num_threads(args.threads)

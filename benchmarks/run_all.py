@@ -32,7 +32,8 @@ def steps(threads: int, quick: bool) -> dict[str, list[str]]:
         "kernels": [py, "bench_kernels.py", *t, *q, "--out", str(OUT / "kernels.json"), "--plot", str(OUT / "kernels.png")],
         "inference": [py, "bench_inference.py", *t, *q, "--out", str(OUT / "inference.json")],
         "training": [py, "bench_training.py", *t, *q, "--out", str(OUT / "training.json")],
-        "peers": [str(PEERS_PY), "bench_peers.py", *t, *q, "--out", str(OUT / "peers.json")],
+        "peers": [str(PEERS_PY), "bench_peers.py", *t, *q, *([] if quick else ["--repeats", "2"]),
+                  "--out", str(OUT / "peers.json")],
     }
 
 
