@@ -186,7 +186,8 @@ def main() -> None:
                     break  # (an empty cache can only be measured once)
             walls[label] = wall
         base = walls["eager fp32"]
-        print("\nfull fit shorter by: " + ", ".join(f"{base / w:.2f}× ({k})" for k, w in walls.items() if k != "eager fp32"))
+        print("\nfull fit shorter by: "
+              + ", ".join(f"{base / w:.2f}× ({k})" for k, w in walls.items() if k != "eager fp32"))
 
 
 def full_fit_here(model, tok, src, tgt, kw) -> tuple[float, float]:

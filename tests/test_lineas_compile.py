@@ -9,7 +9,7 @@ import torch
 from torch._dynamo.utils import counters
 
 import lineas_fast as lf
-from conftest import SOURCE, TARGET, assert_state_equal, make_model, no_hooks_left, snapshot
+from conftest import ARCHS, SOURCE, TARGET, assert_state_equal, make_model, no_hooks_left, snapshot
 from lineas_fast.methods.lineas_compile import CompiledForward, pack_rows
 from lineas_fast.patching.fused import FusedNorm
 from lineas_fast.patching.handle import ATTR
@@ -64,11 +64,12 @@ def graphs_per_call(monkeypatch) -> list:
 
 # ---------------------------------------------------------------- same training as eager
 @pytest.mark.parametrize("fused", [False, True])
-@pytest.mark.parametrize("arch", ["llama", "gpt2", "gemma2"])
+@pytest.mark.parametrize("arch", ARCHS)
 def test_compiled_losses_and_maps_match_eager(arch, fused, tok):
+    """Ragged prompts: several share a packed row (Gemma's sliding window included)."""
     model = make_model(arch)
-    eager = fit(model, tok, fused=fused)
-    compiled = fit(model, tok, fused=fused, compile="aot_eager")
+    eager = fit(model, tok, RAGGED, fused=fused)
+    compiled = fit(model, tok, RAGGED, fused=fused, compile="aot_eager")
     assert_losses_close(eager, compiled, 1e-4)
     assert_maps_close(eager, compiled)
     assert compiled.meta["hyperparams"]["compile"] == "aot_eager" and eager.meta["hyperparams"]["compile"] is False
@@ -235,6 +236,29 @@ def test_bad_compile_argument_refused_before_anything(bad, tok):
         fit(model, tok, compile=bad)
     assert_state_equal(model, snap)
     assert no_hooks_left(model) == []
+
+
+def test_cli_fit_compile_flag(tmp_path, capsys, monkeypatch):
+    from conftest import make_tokenizer, tiny_model
+
+    import lineas_fast.methods.lineas as lineas
+    from lineas_fast.cli import main
+
+    folder = tmp_path / "tiny"
+    tiny_model("llama").save_pretrained(folder)
+    make_tokenizer("right").save_pretrained(folder)
+    src, tgt = tmp_path / "src.txt", tmp_path / "tgt.txt"
+    src.write_text("\n".join(SOURCE) + "\n")
+    tgt.write_text("\n".join(TARGET) + "\n")
+    real = lineas.compile_backend
+    monkeypatch.setattr(lineas, "compile_backend", lambda c: "aot_eager" if c is True else real(c))  # no codegen
+    common = ["fit", "--model", str(folder), "--source", str(src), "--target", str(tgt)]
+    assert main([*common, "--steps", "2", "--compile", "--out", str(tmp_path / "a.safetensors")]) == 0
+    assert lf.Steering.load(tmp_path / "a.safetensors").meta["hyperparams"]["compile"] == "aot_eager"
+    capsys.readouterr()
+    assert main([*common, "--method", "mean_act", "--compile", "--out", str(tmp_path / "b.safetensors")]) == 2
+    err = capsys.readouterr().err
+    assert "--compile" in err and "mean_act" in err and "Traceback" not in err
 
 
 # ---------------------------------------------------------------- inductor
