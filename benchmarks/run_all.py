@@ -25,15 +25,16 @@ PEERS_PY = ROOT / ".venv-peers" / "bin" / "python"
 
 
 def steps(threads: int, quick: bool) -> dict[str, list[str]]:
+    """Commands run from benchmarks/ with relative output paths (nothing machine-specific in the results)."""
     q = ["--quick"] if quick else []
     t = ["--threads", str(threads)]
     py = sys.executable
     return {
-        "kernels": [py, "bench_kernels.py", *t, *q, "--out", str(OUT / "kernels.json"), "--plot", str(OUT / "kernels.png")],
-        "inference": [py, "bench_inference.py", *t, *q, "--out", str(OUT / "inference.json")],
-        "training": [py, "bench_training.py", *t, *q, "--out", str(OUT / "training.json")],
+        "kernels": [py, "bench_kernels.py", *t, *q, "--out", "results/bench/kernels.json", "--plot", "results/bench/kernels.png"],
+        "inference": [py, "bench_inference.py", *t, *q, "--out", "results/bench/inference.json"],
+        "training": [py, "bench_training.py", *t, *q, "--out", "results/bench/training.json"],
         "peers": [str(PEERS_PY), "bench_peers.py", *t, *q, *([] if quick else ["--repeats", "2"]),
-                  "--out", str(OUT / "peers.json")],
+                  "--out", "results/bench/peers.json"],
     }
 
 
