@@ -160,25 +160,32 @@ def resolve_sites(model: nn.Module, sites) -> list[str]:
             rel = _preset_relative(model, sites)
             out = [f"{prefix}.{i}.{r}" for i in range(len(blocks)) for r in rel]
         else:
-            modules = dict(model.named_modules())
-            base = Site.parse(sites).module
-            if base in modules:
-                out = [sites]
-            else:
-                try:
-                    pattern = re.compile(sites)
-                except re.error as e:
-                    raise SteeringError(f"sites={sites!r}: not a module name, preset {PRESETS} or valid regex ({e})") from None
-                out = [n for n in modules if n and pattern.fullmatch(n)]
-                if not out:
-                    raise SteeringError(f"sites={sites!r}: no module matches (presets: {', '.join(PRESETS)})")
-    elif isinstance(sites, (list, tuple)) and sites and all(isinstance(s, str) for s in sites):
-        out = list(sites)
+            out = match_names(model, sites, PRESETS)
     else:
-        raise SteeringError(f"sites={sites!r}: expected a preset {PRESETS}, a regex, or a non-empty list of names")
+        out = match_names(model, sites, PRESETS)
     check_sites(model, out)
     order = {n: i for i, (n, _) in enumerate(model.named_modules())}
     out = sorted(dict.fromkeys(out), key=lambda s: (_block_index(s), order[Site.parse(s).module]))
+    return out
+
+
+def match_names(model: nn.Module, sites, presets: tuple) -> list[str]:
+    """A site string that is not a preset (a module name, or a regex matched against module names), or a
+    list of site strings, as a list; ``presets`` only words the errors."""
+    if isinstance(sites, (list, tuple)) and sites and all(isinstance(s, str) for s in sites):
+        return list(sites)
+    if not isinstance(sites, str):
+        raise SteeringError(f"sites={sites!r}: expected a preset {presets}, a regex, or a non-empty list of names")
+    modules = dict(model.named_modules())
+    if Site.parse(sites).module in modules:
+        return [sites]
+    try:
+        pattern = re.compile(sites)
+    except re.error as e:
+        raise SteeringError(f"sites={sites!r}: not a module name, preset {presets} or valid regex ({e})") from None
+    out = [n for n in modules if n and pattern.fullmatch(n)]
+    if not out:
+        raise SteeringError(f"sites={sites!r}: no module matches (presets: {', '.join(presets)})")
     return out
 
 

@@ -87,28 +87,14 @@ class PipelineView(nn.Module):
     # ------------------------------------------------------------------ sites
     def resolve(self, sites) -> list[str]:
         """Preset (:data:`PRESETS`), regex, or list of site names → site strings in module order."""
-        from ..sites import Site, check_sites
+        from ..sites import Site, check_sites, match_names
 
         if isinstance(sites, str) and sites in PRESETS:
             out = self._preset(sites)
             if not out:
                 raise SteeringError(f"sites={sites!r}: {self.model_class} has no such modules")
-        elif isinstance(sites, str):
-            names = dict(self.named_modules())
-            if Site.parse(sites).module in names:
-                out = [sites]
-            else:
-                try:
-                    pattern = re.compile(sites)
-                except re.error as e:
-                    raise SteeringError(f"sites={sites!r}: not a module name, preset {PRESETS} or regex ({e})") from None
-                out = [n for n in names if n and pattern.fullmatch(n)]
-                if not out:
-                    raise SteeringError(f"sites={sites!r}: no module matches (presets: {', '.join(PRESETS)})")
-        elif isinstance(sites, (list, tuple)) and sites and all(isinstance(s, str) for s in sites):
-            out = list(sites)
         else:
-            raise SteeringError(f"sites={sites!r}: expected a preset {PRESETS}, a regex, or a list of names")
+            out = match_names(self, sites, PRESETS)
         check_sites(self, out)
         order = {n: i for i, (n, _) in enumerate(self.named_modules())}
         return sorted(dict.fromkeys(out), key=lambda s: order[Site.parse(s).module])
