@@ -154,13 +154,10 @@ def resolve_sites(model: nn.Module, sites) -> list[str]:
     model = as_model(model)
     if getattr(model, "is_pipeline_view", False):
         return model.resolve(sites)
-    if isinstance(sites, str):
-        if sites in PRESETS:
-            prefix, blocks = decoder_blocks(model)
-            rel = _preset_relative(model, sites)
-            out = [f"{prefix}.{i}.{r}" for i in range(len(blocks)) for r in rel]
-        else:
-            out = match_names(model, sites, PRESETS)
+    if isinstance(sites, str) and sites in PRESETS:
+        prefix, blocks = decoder_blocks(model)
+        rel = _preset_relative(model, sites)
+        out = [f"{prefix}.{i}.{r}" for i in range(len(blocks)) for r in rel]
     else:
         out = match_names(model, sites, PRESETS)
     check_sites(model, out)
