@@ -5,12 +5,21 @@ Models: SmolLM2-135M (the embedded default; 60 norm sites) and a tiny-but-wide r
 ``--wide-layers`` layers; kernel-bound: big norms and matmuls, few layers). A random steering sits on
 every norm site (the cost does not depend on the values).
 
+Every mode runs on its own deep copy of the model, steered once, so that variants can be timed side by
+side without patching in between; ratios are paired (variant / unsteered, sample by sample) and reported
+as the median with the quartiles [q1–q3] of the paired ratios (SPEC §6):
+
 * prefill: batch 8 × 128 tokens, one forward without cache (``logits_to_keep=1``: the LM head on the
-  last position only, as generation does), tokens/s;
-* decode: greedy, batch 1 and 8, ``--new-tokens`` tokens; static KV cache when compiled;
-* every variant of one measurement runs in rotation (A/B/C/D per round), medians over rounds, and
-  ``ratio`` = the median over rounds of variant / unsteered of the same round;
+  last position only, as generation does), tokens/s; copies rotated per round, ``--repeats`` rounds;
+* step (the decode ratio the targets use): one cached greedy decode step at batch 1 and 8, the four
+  copies interleaved token by token for ``--new-tokens`` steps × ``--step-rounds`` rounds — pairing
+  at the scale of one step cancels the machine's drift, which moves whole 2-second generates by ±10 %
+  between rounds on this shared VM; the greedy tokens of every steered copy must equal hooks';
+* generate: ``--new-tokens``-token greedy ``generate`` latency (what a user waits for), rotated;
+  static KV cache when compiled (each mode on its own compiled copy, wide model by default);
 * ops: ATen ops dispatched by one cached decode step (torch profiler), eager;
+* norm call: µs per call of one norm module as the model has it vs as ``fused`` replaces it — times the
+  number of sites, the most fusing the norms can save per decode step (the bound for the decode ratio);
 * routing (SmolLM2, fused, batch 8, decode): rows routed to 4 steerings + unsteered rows vs the same
   batch under one steering vs the 5 groups run as separate batches one after another.
 
@@ -24,12 +33,11 @@ import argparse
 import json
 import statistics
 import time
-from contextlib import nullcontext
 
 import torch
+from timing import ensure_malloc_env, hf_decoder, interleaved_steps, paired_ratios
 
 import lineas_fast as lf
-from timing import ensure_malloc_env
 
 MODES = ("unsteered", "hooks", "fused", "fold")
 
@@ -56,53 +64,51 @@ def wide_llama(layers: int):
     return T.AutoModelForCausalLM.from_config(cfg).eval()
 
 
-class Variant:
-    """One steering mode (eager); ``__enter__`` patches, ``__exit__`` restores."""
-
-    def __init__(self, model, st, mode: str):
-        self.model, self.st, self.mode, self.name = model, st, mode, mode
-
-    def __enter__(self):
-        self.handle = lf.steer_(self.model, self.st, mode=self.mode) if self.mode != "unsteered" else None
-        return self
-
-    def __exit__(self, *exc):
-        if self.handle is not None:
-            self.handle.remove()
-
-
-def compiled_decode(model, st, ids, args) -> dict:
-    """Each variant on its own copy of the model, patched and compiled once (static KV cache), then
-    timed in rotation; ``first_call_s`` is the compiling first generate."""
+def steered_copies(model, st) -> dict:
+    """One deep copy of ``model`` per mode, steered once: every measurement runs the copies side by side
+    (no patching between samples; step-level interleaving needs all variants live at once)."""
     import copy
 
-    torch._dynamo.reset()
-    torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
-    # by default dynamo does not guard on module hooks: the hooked copy would silently reuse the graph
-    # compiled for the unsteered copy (same code object). Guard on them, and check every copy's logits.
-    torch._dynamo.config.skip_nnmodule_hook_guards = False
     copies = {}
     for mode in MODES:
         m = copy.deepcopy(model)
         if mode != "unsteered":
             lf.steer_(m, st, mode=mode)
+        copies[mode] = m
+    return copies
+
+
+def private_forward(model, tag: str):
+    """``model.forward`` bound to ``model`` with its own code object. Dynamo keeps one cache per code object
+    and tries its entries newest first: copies sharing ``forward``'s code would each pay the guard checks
+    of the copies compiled after them (the first copy compiled, unsteered, ran ~3 % slower for it)."""
+    import types
+
+    f = type(model).forward
+    code = f.__code__.replace(co_name=f"{f.__code__.co_name}_{tag}")
+    g = types.FunctionType(code, f.__globals__, code.co_name, f.__defaults__, f.__closure__)
+    g.__kwdefaults__, g.__wrapped__ = f.__kwdefaults__, getattr(f, "__wrapped__", f)
+    return g.__get__(model)
+
+
+def compiled_decode(model, st, ids, args) -> dict:
+    """Each variant on its own copy of the model, patched, then its ``forward`` compiled (static KV cache);
+    every copy's compiled prefill is checked against its eager logits, then the copies' generates are
+    timed in rotation (:func:`rotate`; ``first_call_s`` is the warm-up generate, which compiles)."""
+    torch._dynamo.reset()
+    torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
+    # by default dynamo does not guard on module hooks: the hooked copy would silently reuse the graph
+    # compiled for the unsteered copy (same code object). Guard on them, and check every copy's logits.
+    torch._dynamo.config.skip_nnmodule_hook_guards = False
+    copies = steered_copies(model, st)
+    for mode, m in copies.items():
         eager = m(ids).logits
-        m.forward = torch.compile(type(m).forward.__get__(m), dynamic=False)
+        m.forward = torch.compile(private_forward(m, mode), dynamic=False)
         err = (m(ids).logits - eager).abs().max().item()
         if err > 1e-3 * max(1.0, eager.abs().max().item()):
             raise AssertionError(f"compiled {mode} differs from eager {mode} by {err}")
-        copies[mode] = m
-    samples, first = {m: [] for m in MODES}, {}
-    for rnd in range(args.decode_repeats + 1):
-        for mode, m in copies.items():
-            t = decode(m, ids, args.new_tokens, True)
-            if rnd:
-                samples[mode].append(t)
-            else:
-                first[mode] = t
-    base = samples["unsteered"]
-    return {f"{mode} +compile": {"median_s": statistics.median(v), "first_call_s": first[mode],
-                                 "ratio": statistics.median(a / b for a, b in zip(v, base))} for mode, v in samples.items()}
+    timed = rotate(copies, lambda m: decode(m, ids, args.new_tokens, True), args.compile_repeats)
+    return {f"{mode} +compile": r for mode, r in timed.items()}
 
 
 def decode(model, ids, new_tokens: int, static: bool) -> float:
@@ -129,45 +135,76 @@ def ops_per_step(model, ids) -> int:
     return sum(e.count for e in prof.key_averages() if e.key.startswith("aten::"))
 
 
-def rotate(model, st, variants, fn, repeats: int) -> dict:
-    """Each variant patched, warmed up, timed once per round, in rotation; medians and ratios."""
-    samples = {v.name: [] for v in variants}
-    warm = {}
+def rotate(copies: dict, fn, repeats: int) -> dict:
+    """``fn(model)`` for every copy once per round, the starting copy rotating from round to round, after a
+    warm-up round; paired ratios to unsteered (SPEC §6)."""
+    names = list(copies)
+    samples, warm = {k: [] for k in names}, {}
     for rnd in range(repeats + 1):
-        for v in variants:
-            with v:
-                if rnd == 0:  # warm-up round
-                    t0 = time.perf_counter()
-                    fn(v)
-                    warm[v.name] = time.perf_counter() - t0
-                    continue
-                samples[v.name].append(fn(v))
-    base = samples[variants[0].name]
-    return {name: {"median_s": statistics.median(s), "ratio": statistics.median(a / b for a, b in zip(s, base)),
-                   "first_call_s": warm[name], "samples": len(s)} for name, s in samples.items()}
+        j = rnd % len(names)
+        for k in names[j:] + names[:j]:
+            t0 = time.perf_counter()
+            fn(copies[k])
+            dt = time.perf_counter() - t0
+            if rnd:
+                samples[k].append(dt)
+            else:
+                warm[k] = dt
+    out = paired_ratios(samples, "unsteered")
+    for k in out:
+        out[k]["first_call_s"] = warm[k]
+    return out
+
+
+def decode_steps(copies: dict, ids, args) -> dict:
+    """Per-token decode latency, all copies interleaved token by token (:func:`timing.interleaved_steps`);
+    checks that every steered copy produced the same greedy tokens as the hooked one."""
+    samples, states = interleaved_steps({k: hf_decoder(m, ids) for k, m in copies.items()}, args.new_tokens,
+                                        args.step_rounds)
+    toks = {k: torch.cat(state[3], 1) for k, state in states.items()}
+    for k in copies:
+        if k not in ("unsteered", "hooks") and not torch.equal(toks[k], toks["hooks"]):
+            raise AssertionError(f"{k}: greedy tokens differ from hooks'")
+    return paired_ratios(samples, "unsteered")
+
+
+def norm_call_cost(model, st) -> dict:
+    """Microseconds per call of one site's norm module, as the model has it vs as ``fused`` replaces it
+    (batch 1, one token): the most that fusing the norms can save per decode step is sites × the
+    difference — the bound the decode ratio is compared with."""
+    from timing import interleaved
+
+    site = st.sites[0]
+    x = torch.randn(1, 1, st.scale[site].numel())
+    plain = model.get_submodule(site)
+    h = lf.steer_(model, st, mode="fused")
+    try:
+        fused = model.get_submodule(site)
+        t = interleaved({"model's norm": lambda: plain(x), "fused": lambda: fused(x)}, repeats=9, target_s=0.02)
+    finally:
+        h.remove()
+    return {"model_us": 1e6 * t["model's norm"], "fused_us": 1e6 * t["fused"], "sites": len(st.sites)}
 
 
 def measure_model(label, model, tok_ids, args) -> dict:
     st = random_steering(model, 0)
     out = {"model": label, "sites": len(st.sites)}
-    variants = [Variant(model, st, m) for m in MODES]
     with torch.inference_mode():
+        out["norm_call"] = norm_call_cost(model, st)
+        copies = steered_copies(model, st)
         b8 = tok_ids(8, args.prefill_len)
-        out["prefill"] = rotate(model, st, variants, lambda v: prefill(model, b8), args.repeats)
+        out["prefill"] = rotate(copies, lambda m: prefill(m, b8), args.repeats)
         for k in out["prefill"].values():
             k["tokens_per_s"] = 8 * args.prefill_len / k["median_s"]
         for batch in (1, 8):
             ids = tok_ids(batch, 16)
-            out[f"decode_b{batch}"] = rotate(model, st, variants,
-                                             lambda v: decode(model, ids, args.new_tokens, False),
+            out[f"decode_b{batch}"] = rotate(copies, lambda m, ids=ids: decode(m, ids, args.new_tokens, False),
                                              args.decode_repeats)
-        if args.compile and label.split()[0].lower() in args.compile_models:  # a compilation per variant and shape
+            out[f"step_b{batch}"] = decode_steps(copies, ids, args)
+        out["aten_ops_per_decode_step"] = {k: ops_per_step(m, tok_ids(1, 16)) for k, m in copies.items()}
+        del copies
+        if args.compile and label.split()[0].lower() in args.compile_models:  # a compilation per variant
             out["decode_b1_compiled"] = compiled_decode(model, st, tok_ids(1, 16), args)
-        counts = {}
-        for v in variants:
-            with v:
-                counts[v.name] = ops_per_step(model, tok_ids(1, 16))
-        out["aten_ops_per_decode_step"] = counts
     return out
 
 
@@ -181,7 +218,7 @@ def routing(model, tok_ids, args) -> dict:
     t = {"one steering": [], "mixed (4 steerings + unsteered)": [], "groups as separate batches": []}
     with torch.inference_mode():
         h = lf.steer_(model, many, mode="fused")
-        for rnd in range(args.decode_repeats + 1):
+        for rnd in range(args.routing_repeats + 1):
             h.route(["s0"] * 8)
             a = decode(model, ids, args.new_tokens, False)
             h.route(route)
@@ -198,24 +235,41 @@ def routing(model, tok_ids, args) -> dict:
     return {k: {"median_s": statistics.median(v), "throughput_vs_one": one / statistics.median(v)} for k, v in t.items()}
 
 
+def _ratio(r: dict) -> str:
+    return f"{r['ratio']:.3f}" + (f" [{r['ratio_q1']:.3f}–{r['ratio_q3']:.3f}]" if r.get("ratio_q3", 1) != 1 else "")
+
+
 def markdown(res: dict) -> str:
-    lines = []
+    a = res["settings"]
+    lines = [f"Time ratios are to unsteered, paired side by side; [q1–q3] are the quartiles of the paired ratios. "
+             f"*step*: one cached decode step, all four copies interleaved token by token ({a['step_rounds']} "
+             f"rounds × {a['new_tokens']} tokens = {a['step_rounds'] * a['new_tokens']} pairs) — the decode "
+             f"ratio the targets use; *generate*: {a['new_tokens']}-token greedy `generate` latency, rotated, "
+             f"{a['decode_repeats']} rounds; prefill: {a['repeats']} rounds.", ""]
     for m in res["models"]:
         lines += [f"### {m['model']} ({m['sites']} norm sites steered)", "",
-                  "| variant | prefill 8×128 tok/s | ratio | decode b1 ms | ratio | decode b8 ms | ratio | first call s |",
-                  "|---|---:|---:|---:|---:|---:|---:|---:|"]
+                  "| variant | prefill 8×128 tok/s | ratio | step b1 ms | ratio | step b8 ms | ratio "
+                  "| generate b1 ms | ratio | generate b8 ms | ratio |",
+                  "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
         for name in m["prefill"]:
-            p, d1, d8 = m["prefill"][name], m["decode_b1"][name], m["decode_b8"][name]
-            lines.append(f"| {name} | {p['tokens_per_s']:.0f} | {p['median_s'] / m['prefill'][next(iter(m['prefill']))]['median_s']:.3f}"
-                         f" | {1e3 * d1['median_s']:.0f} | {d1['ratio']:.3f} | {1e3 * d8['median_s']:.0f} | {d8['ratio']:.3f}"
-                         f" | {max(p['first_call_s'], d1['first_call_s']):.1f} |")
+            p = m["prefill"][name]
+            cells = [name, f"{p['tokens_per_s']:.0f}", _ratio(p)]
+            for key in ("step_b1", "step_b8", "decode_b1", "decode_b8"):
+                cells += [f"{1e3 * m[key][name]['median_s']:.1f}", _ratio(m[key][name])]
+            lines.append("| " + " | ".join(cells) + " |")
         if "decode_b1_compiled" in m:
-            lines += ["", "| torch.compile (static KV cache) | decode b1 ms | ratio vs compiled unsteered | compile s |",
-                      "|---|---:|---:|---:|"]
+            lines += ["", "| torch.compile (static KV cache) | generate b1 ms | ratio vs compiled unsteered | "
+                      "first generate s (compiles) |", "|---|---:|---:|---:|"]
             for name, d in m["decode_b1_compiled"].items():
-                lines.append(f"| {name} | {1e3 * d['median_s']:.0f} | {d['ratio']:.3f} | {d['first_call_s']:.0f} |")
+                lines.append(f"| {name} | {1e3 * d['median_s']:.0f} | {_ratio(d)} | {d['first_call_s']:.0f} |")
+        nc = m["norm_call"]
+        bound = 1 - nc["sites"] * (nc["model_us"] - nc["fused_us"]) * 1e-6 / m["step_b1"]["unsteered"]["median_s"]
         lines += ["", "ATen ops per cached decode step: " + ", ".join(
-            f"{k} {v:,}" for k, v in m["aten_ops_per_decode_step"].items()), ""]
+            f"{k} {v:,}" for k, v in m["aten_ops_per_decode_step"].items()) + ".",
+            "", f"One norm call, batch 1: the model's module {nc['model_us']:.1f} µs, fused {nc['fused_us']:.1f} µs. "
+            f"Fusing saves at most {nc['sites']} × {nc['model_us'] - nc['fused_us']:.1f} µs per decode step of "
+            f"{1e3 * m['step_b1']['unsteered']['median_s']:.1f} ms: fused step b1 can reach **{bound:.3f}×** "
+            f"unsteered at best on this machine.", ""]
     if "routing" in res:
         lines += ["### Per-request routing (SmolLM2, fused, decode batch 8)", "",
                   "| batch | median ms | throughput vs one steering |", "|---|---:|---:|"]
@@ -227,8 +281,11 @@ def markdown(res: dict) -> str:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--repeats", type=int, default=7, help="rounds for prefill")
-    p.add_argument("--decode-repeats", type=int, default=5, help="rounds for decode")
+    p.add_argument("--repeats", type=int, default=5, help="rounds for prefill")
+    p.add_argument("--decode-repeats", type=int, default=2, help="rounds for the generate latency")
+    p.add_argument("--step-rounds", type=int, default=2, help="rounds of token-interleaved decode steps")
+    p.add_argument("--compile-repeats", type=int, default=3, help="rounds for the compiled generates")
+    p.add_argument("--routing-repeats", type=int, default=3, help="rounds for per-request routing")
     p.add_argument("--new-tokens", type=int, default=32)
     p.add_argument("--prefill-len", type=int, default=128)
     p.add_argument("--wide-layers", type=int, default=4)
@@ -240,7 +297,8 @@ def main() -> None:
     p.add_argument("--out", default=None, metavar="FILE.json")
     args = p.parse_args()
     if args.quick:
-        args.repeats = args.decode_repeats = 2
+        args.repeats = args.decode_repeats = args.compile_repeats = args.routing_repeats = 2
+        args.step_rounds = 1
         args.new_tokens, args.prefill_len, args.wide_layers = 8, 32, 1
     ensure_malloc_env()
     torch.set_num_threads(args.threads)

@@ -309,7 +309,8 @@ def bench_linear(shape, dname, wname, cfg):
         rows.append({
             "op": "steered_linear", "pass": pas, "shape": list(shape), "dtype": dname, "site": wname,
             "routing": cfg.routing, "time_s": {k: t[k] for k in ("linear", "op", "eager", "compiled")},
-            "op_over_linear": t["op/first"], "eager_over_linear": t["eager/first"],
+            "op_over_linear": t["op/first"], "op_over_linear_q1": t["op/first_q1"],
+            "op_over_linear_q3": t["op/first_q3"], "eager_over_linear": t["eager/first"],
             "compiled_over_linear": t["compiled/first"], "flops": flops,
             "op_GFLOPs": flops / t["op"] / 1e9, "linear_GFLOPs": flops / t["linear"] / 1e9, "compile_s": comp,
         })

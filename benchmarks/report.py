@@ -22,13 +22,27 @@ TITLES = {
 WHY_MISSED = {
     "training": "the step is dominated by the model's matmuls and attention (see the split); compile fuses the "
                 "elementwise rest",
-    "decode": "within this run's decode noise: hooks and fold, which do at least the unsteered work, came out at "
-              "{noise}; fused dispatches fewer ATen ops than unsteered (below)",
-    "peers": "ratios below 1 for variants that add work are noise (this table's rounds are few); fused dispatches "
-             "no more ATen ops than unsteered and fewer than every peer (peers table)",
-    "linear": "a 2-round fp32 outlier: the same shape's backward is 0.90× and bf16 stays ≤ 1.06×; the op is an "
-              "addmm plus one steering pass over x or y",
+    "decode": "bounded on this machine: one norm call costs {model_us:.1f} µs as the model has it and {fused_us:.1f} µs "
+              "fused, so fusing the {sites} norms saves at most {saved:.2f} ms of a {step:.1f} ms batch-1 step — "
+              "{bound:.3f}× at best. The rest of a CPU decode step is the other ~{ops:,} dispatched ops and the weight "
+              "reads, which steering does not touch. Where fusing pays: prefill (below) and GPU launches (GPU on paper)",
+    "peers": "a tie within noise: |Δ| ≤ 2 standard errors of the two medians (the ops row below is the "
+             "deterministic comparison)",
+    "peers_real": "fused is slower here by more than the noise",
+    "fold": "RMSNorm has no bias, so each norm's shift folds into biases the fold creates on the Linears "
+            "consuming it (q/k/v, gate/up): {extra:,} more ATen ops per step than unsteered, a real cost at "
+            "batch 1 on CPU where each op is a dispatch",
+    "linear": "within noise: the quartiles of that case's per-round ratios are [{q1:.3f}–{q3:.3f}], and the "
+              "median over all forward cases is {med:.3f}×; the op is the Linear's addmm plus one steering pass "
+              "over x (prologue) or y (epilogue)",
+    "linear_real": "the steering pass over x or y costs more than 5 % of the matmul at this shape (quartiles of "
+                   "the per-round ratios [{q1:.3f}–{q3:.3f}])",
 }
+
+
+def _r(r: dict) -> str:
+    """A paired ratio with its quartiles."""
+    return f"{r['ratio']:.3f}× [{r['ratio_q1']:.3f}–{r['ratio_q3']:.3f}]"
 
 
 def _load(name: str):
@@ -76,24 +90,38 @@ def targets() -> list[tuple[str, str, str, bool | None, str]]:
     inf, ker, tr, peers = _load("inference"), _load("kernels"), _load("training"), _load("peers")
     if inf:
         smol = inf["models"][0]
-        d1 = smol["decode_b1"]
-        noise = abs(d1["hooks"]["ratio"] - 1)
-        why = WHY_MISSED["decode"].format(noise=f"{d1['hooks']['ratio']:.3f}× and {d1['fold']['ratio']:.3f}×")
+        d1, nc = smol["step_b1"], smol["norm_call"]
+        step = d1["unsteered"]["median_s"]
+        saved = nc["sites"] * (nc["model_us"] - nc["fused_us"]) * 1e-6
+        why = WHY_MISSED["decode"].format(model_us=nc["model_us"], fused_us=nc["fused_us"], sites=nc["sites"],
+                                          saved=1e3 * saved, step=1e3 * step, bound=1 - saved / step,
+                                          ops=smol["aten_ops_per_decode_step"]["fused"])
         ok = d1["fused"]["ratio"] <= 0.98
-        rows.append(("fused decode, batch 1, SmolLM2", "≤ 0.98× unsteered", f"{d1['fused']['ratio']:.3f}×",
-                     ok, "" if ok else why))
-        ok = abs(d1["fold"]["ratio"] - 1) <= max(0.02, noise)
-        rows.append(("fold decode, batch 1, SmolLM2", "1.00× within noise", f"{d1['fold']['ratio']:.3f}×",
-                     ok, f"noise ≈ ±{max(0.02, noise):.3f}" + ("" if ok else "; " + why)))
+        rows.append(("fused decode step, batch 1, SmolLM2", "≤ 0.98× unsteered", _r(d1["fused"]), ok, "" if ok else why))
+        p = smol["prefill"]["fused"]
+        rows.append(("fused prefill 8×128, SmolLM2", "(not a target)", _r(p), None, ""))
+        fold = d1["fold"]
+        tol = max(0.02, 2 * fold["ratio_se"])
+        ok = abs(fold["ratio"] - 1) <= tol
+        ops = smol["aten_ops_per_decode_step"]
+        rows.append(("fold decode step, batch 1, SmolLM2", "1.00× within noise", _r(fold), ok,
+                     f"noise: ±{tol:.3f} (the larger of 2 % and 2 standard errors)" + ("" if ok else "; " + WHY_MISSED[
+                         "fold"].format(extra=ops["fold"] - ops["unsteered"]))))
         mixed = inf["routing"]["mixed (4 steerings + unsteered)"]["throughput_vs_one"]
         rows.append(("mixed batch throughput", "≥ 0.95× single steering", f"{mixed:.3f}×", mixed >= 0.95, ""))
         ops = smol["aten_ops_per_decode_step"]
         rows.append(("ATen ops per decode step", "fused ≤ unsteered", f"{ops['fused']:,} vs {ops['unsteered']:,}",
                      ops["fused"] <= ops["unsteered"], ""))
     if peers and peers.get("fused_vs_peers"):
-        for peer, (ours, theirs) in peers["fused_vs_peers"].items():
-            rows.append((f"fused vs {peer}", "fused overhead ≤ peer's", f"{ours:.3f}× vs {theirs:.3f}×",
-                         ours <= theirs, "" if ours <= theirs else WHY_MISSED["peers"]))
+        for peer, (ours, theirs, se_ours, se_theirs) in peers["fused_vs_peers"].items():
+            ok = ours <= theirs
+            tie = abs(ours - theirs) <= 2 * (se_ours ** 2 + se_theirs ** 2) ** 0.5
+            rows.append((f"fused vs {peer}", "fused overhead ≤ peer's", f"{ours:.3f}× vs {theirs:.3f}×", ok,
+                         "" if ok else WHY_MISSED["peers" if tie else "peers_real"]))
+        more = [k for k, (f, p, _) in peers["ops_vs_peers"].items() if f > p]
+        rows.append(("ATen ops per decode step vs peers", "fused ≤ every peer",
+                     ", ".join(f"{k}: {f:,} vs {p:,}" for k, (f, p, _) in peers["ops_vs_peers"].items()), not more,
+                     f"fused dispatches more than: {', '.join(more)}" if more else "(deterministic, unlike the timings)"))
     if tr and tr.get("step"):
         sp = tr["step"].get("best_speedup")
         rows.append(("LinEAS step, compiled vs eager fp32", "≥ 1.3×", f"{sp:.2f}× ({tr['step'].get('best')})" if sp else "–",
@@ -112,9 +140,13 @@ def targets() -> list[tuple[str, str, str, bool | None, str]]:
         sl = [r for r in ker["steered_linear"] if r["pass"] == "fwd"]
         if sl:
             worst = max(sl, key=lambda r: r["op_over_linear"])
-            rows.append(("steered_linear fwd vs plain linear", "≤ 1.05×", f"max {worst['op_over_linear']:.3f}× "
-                         f"({worst['dtype']} {worst['site']} {worst['shape']})", worst["op_over_linear"] <= 1.05,
-                         "" if worst["op_over_linear"] <= 1.05 else WHY_MISSED["linear"]))
+            ok = worst["op_over_linear"] <= 1.05
+            q1, q3 = worst.get("op_over_linear_q1", float("nan")), worst.get("op_over_linear_q3", float("nan"))
+            med = sorted(r["op_over_linear"] for r in sl)[len(sl) // 2]
+            why = "" if ok else WHY_MISSED["linear" if q1 <= 1.05 else "linear_real"].format(q1=q1, q3=q3, med=med)
+            rows.append(("steered_linear fwd vs plain linear", "≤ 1.05× (Kernels issue)",
+                         f"max {worst['op_over_linear']:.3f}× ({worst['dtype']} {worst['site']} {worst['shape']})",
+                         ok, why))
     return rows
 
 
@@ -126,16 +158,19 @@ def plot_inference(inf: dict, path: Path) -> None:
 
     fig, axes = plt.subplots(1, len(inf["models"]), figsize=(6 * len(inf["models"]), 3.6), squeeze=False)
     for ax, m in zip(axes[0], inf["models"]):
-        measures = [k for k in ("prefill", "decode_b1", "decode_b8", "decode_b1_compiled") if k in m]
+        measures = [k for k in ("prefill", "step_b1", "step_b8", "decode_b1", "decode_b8", "decode_b1_compiled")
+                    if k in m]
         names = list(m[measures[0]])
         width = 0.8 / len(names)
         for i, name in enumerate(names):
-            vals = [list(m[k].values())[i]["ratio"] if k == "decode_b1_compiled" else m[k][name]["ratio"]
-                    for k in measures]
-            ax.bar([j + i * width for j in range(len(measures))], vals, width, label=name)
+            rs = [list(m[k].values())[i] if k == "decode_b1_compiled" else m[k][name] for k in measures]
+            vals = [r["ratio"] for r in rs]
+            err = [[r["ratio"] - r.get("ratio_q1", r["ratio"]) for r in rs],
+                   [r.get("ratio_q3", r["ratio"]) - r["ratio"] for r in rs]]
+            ax.bar([j + i * width for j in range(len(measures))], vals, width, yerr=err, capsize=2, label=name)
         ax.axhline(1.0, color="black", lw=0.8)
         ax.set_xticks([j + 0.4 - width / 2 for j in range(len(measures))], measures)
-        ax.set_ylabel("time / unsteered")
+        ax.set_ylabel("time / unsteered (bars: quartiles)")
         ax.set_ylim(0.8, max(1.2, ax.get_ylim()[1]))
         ax.set_title(m["model"], fontsize=9)
         ax.legend(fontsize=7)

@@ -33,8 +33,7 @@ def steps(threads: int, quick: bool) -> dict[str, list[str]]:
         "kernels": [py, "bench_kernels.py", *t, *q, "--out", "results/bench/kernels.json", "--plot", "results/bench/kernels.png"],
         "inference": [py, "bench_inference.py", *t, *q, "--out", "results/bench/inference.json"],
         "training": [py, "bench_training.py", *t, *q, "--out", "results/bench/training.json"],
-        "peers": [str(PEERS_PY), "bench_peers.py", *t, *q, *([] if quick else ["--repeats", "2"]),
-                  "--out", "results/bench/peers.json"],
+        "peers": [str(PEERS_PY), "bench_peers.py", *t, *q, "--out", "results/bench/peers.json"],
     }
 
 

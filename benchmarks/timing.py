@@ -1,5 +1,8 @@
-"""Timing helpers the kernel benchmarks share (SPEC §6 conventions): glibc malloc thresholds set before the
-process starts, and A/B/C-interleaved samples with medians."""
+"""Timing helpers every benchmark script shares (SPEC §6 conventions): glibc malloc thresholds set before
+the process starts; A/B/C-interleaved samples with medians; paired ratios with quartiles; decode steps
+interleaved token by token; and how much CPU other processes took meanwhile (busy rounds are re-run).
+
+Imports only the standard library at module level: the peers venv (transformers 4.x) imports it too."""
 
 from __future__ import annotations
 
@@ -29,7 +32,7 @@ def calibrate(fn, target_s: float) -> int:
 def interleaved(fns: dict, repeats: int, target_s: float) -> dict:
     """Seconds per call of each candidate (samples taken in rotation A, B, C, A, B, C, ...): the median,
     and ``k/first`` = the median over rounds of the ratio to the first candidate's sample of the same
-    round (robust to the load drifting during the run)."""
+    round (robust to the load drifting during the run), with its quartiles ``k/first_q1``, ``k/first_q3``."""
     inner = {k: calibrate(f, target_s) for k, f in fns.items()}
     samples = {k: [] for k in fns}
     for _ in range(repeats):
@@ -41,5 +44,119 @@ def interleaved(fns: dict, repeats: int, target_s: float) -> dict:
     first = next(iter(fns))
     out = {k: statistics.median(v) for k, v in samples.items()}
     for k, v in samples.items():
-        out[f"{k}/first"] = statistics.median(a / b for a, b in zip(v, samples[first]))
+        q1, out[f"{k}/first"], q3 = quartiles(a / b for a, b in zip(v, samples[first]))
+        out[f"{k}/first_q1"], out[f"{k}/first_q3"] = q1, q3
     return out
+
+
+def quartiles(xs) -> tuple[float, float, float]:
+    """(q1, median, q3) of a sample (inclusive method: exact for 2 or 3 values)."""
+    xs = sorted(xs)
+    if len(xs) == 1:
+        return xs[0], xs[0], xs[0]
+    q1, q2, q3 = statistics.quantiles(xs, n=4, method="inclusive")
+    return q1, q2, q3
+
+
+def paired_ratios(samples: dict, base: str) -> dict:
+    """Per candidate: median seconds, and the ratio to ``base`` as the median (with quartiles) over
+    paired samples — sample i of a candidate against sample i of ``base``, taken side by side — and
+    ``ratio_se``, the median's standard error estimated from the quartiles (1.2533 σ / √n, σ = IQR / 1.349)."""
+    out = {}
+    for name, ts in samples.items():
+        q1, med, q3 = quartiles(a / b for a, b in zip(ts, samples[base]))
+        out[name] = {"median_s": statistics.median(ts), "ratio": med, "ratio_q1": q1, "ratio_q3": q3,
+                     "ratio_se": 1.2533 * (q3 - q1) / 1.349 / len(ts) ** 0.5, "pairs": len(ts)}
+    return out
+
+
+def interleaved_steps(variants: dict, steps: int, rounds: int) -> dict:
+    """Decode steps of several variants, interleaved token by token.
+
+    ``variants`` maps a name to ``(start, step)``: ``start()`` runs the prompt (untimed) and returns a state,
+    ``step(state)`` runs one cached decode step and returns the next state. Per round every variant starts,
+    then each of ``steps`` steps is timed for every variant in turn, the starting variant rotating from step
+    to step. Pairing step k of a variant with step k of the reference (same round) cancels the machine's
+    drift, which on a shared 2-core VM moves whole 2-second generates by ±10 % between rounds.
+    Returns ``({name: [seconds per step, ...]}, {name: last round's final state})``, samples aligned
+    across variants.
+    """
+    names = list(variants)
+    samples = {k: [] for k in names}
+    for r in range(rounds):
+        states = {k: variants[k][0]() for k in names}
+        for i in range(steps):
+            j = (r * steps + i) % len(names)
+            for k in names[j:] + names[:j]:
+                t = time.perf_counter()
+                states[k] = variants[k][1](states[k])
+                samples[k].append(time.perf_counter() - t)
+    return samples, states
+
+
+def hf_decoder(call, ids, position_ids: bool = False):
+    """``(start, step)`` for :func:`interleaved_steps` over a HF causal LM's ``__call__`` (or a wrapper
+    taking the same keywords): greedy, DynamicCache; the state carries the generated tokens, which
+    :func:`interleaved_steps`' callers compare across variants. ``position_ids``: pass them explicitly
+    (repeng's padding mask needs [B, T] ones)."""
+    import torch
+
+    def kw(x, start):
+        d = {"input_ids": x, "use_cache": True}
+        if position_ids:
+            d["position_ids"] = torch.arange(start, start + x.shape[1]).expand(x.shape[0], -1)
+        return d
+
+    def start():
+        out = call(**kw(ids, 0))
+        nxt = out.logits[:, -1:].argmax(-1)
+        return out.past_key_values, nxt, ids.shape[1], [nxt]
+
+    def step(state):
+        cache, nxt, pos, toks = state
+        out = call(**kw(nxt, pos), past_key_values=cache)
+        nxt = out.logits[:, -1:].argmax(-1)
+        toks.append(nxt)
+        return out.past_key_values, nxt, pos + 1, toks
+
+    return start, step
+
+
+def _cpu() -> tuple[float, float]:
+    """(CPU seconds the whole machine has spent busy, CPU seconds of this process and its live children,
+    e.g. inductor's compile workers)."""
+    tick = os.sysconf("SC_CLK_TCK")
+    with open("/proc/stat") as f:
+        v = [int(x) for x in f.readline().split()[1:]]
+    busy = sum(v) - v[3] - v[4]  # all but idle and iowait
+    stats, parent = {}, {}
+    for d in os.listdir("/proc"):
+        if d.isdigit():
+            try:
+                with open(f"/proc/{d}/stat") as f:
+                    fields = f.read().rsplit(")", 1)[1].split()
+            except OSError:
+                continue
+            parent[int(d)], stats[int(d)] = int(fields[1]), sum(int(x) for x in fields[11:15])  # ppid; u,s,cu,cs
+
+    def mine(pid):
+        while pid > 1:
+            if pid == os.getpid():
+                return True
+            pid = parent.get(pid, 0)
+        return False
+
+    return busy / tick, sum(t for pid, t in stats.items() if mine(pid)) / tick
+
+
+class OtherLoad:
+    """Context: how many cores' worth of CPU other processes used while it was open (``.cores``). On 2 cores
+    another process's threads slow a 2-thread torch run many times over; such samples are re-taken."""
+
+    def __enter__(self):
+        self.t, (self.busy, self.own) = time.perf_counter(), _cpu()
+        return self
+
+    def __exit__(self, *exc):
+        busy, own = _cpu()
+        self.cores = max(0.0, (busy - self.busy) - (own - self.own)) / (time.perf_counter() - self.t)
