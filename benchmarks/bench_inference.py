@@ -281,14 +281,14 @@ def markdown(res: dict) -> str:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--repeats", type=int, default=5, help="rounds for prefill")
-    p.add_argument("--decode-repeats", type=int, default=2, help="rounds for the generate latency")
+    p.add_argument("--repeats", type=int, default=3, help="rounds for prefill (after a warm-up)")
+    p.add_argument("--decode-repeats", type=int, default=1, help="rounds for the generate latency (after a warm-up)")
     p.add_argument("--step-rounds", type=int, default=2, help="rounds of token-interleaved decode steps")
     p.add_argument("--compile-repeats", type=int, default=3, help="rounds for the compiled generates")
-    p.add_argument("--routing-repeats", type=int, default=3, help="rounds for per-request routing")
+    p.add_argument("--routing-repeats", type=int, default=2, help="rounds for per-request routing (after a warm-up)")
     p.add_argument("--new-tokens", type=int, default=32)
     p.add_argument("--prefill-len", type=int, default=128)
-    p.add_argument("--wide-layers", type=int, default=4)
+    p.add_argument("--wide-layers", type=int, default=2)
     p.add_argument("--no-compile", dest="compile", action="store_false", help="eager variants only")
     p.add_argument("--compile-models", default="random", metavar="LIST",
                    help="models whose compiled decode is measured: 'random' (the wide Llama) and/or 'smollm2-135m' "
@@ -297,8 +297,8 @@ def main() -> None:
     p.add_argument("--out", default=None, metavar="FILE.json")
     args = p.parse_args()
     if args.quick:
-        args.repeats = args.decode_repeats = args.compile_repeats = args.routing_repeats = 2
-        args.step_rounds = 1
+        args.repeats = args.compile_repeats = args.routing_repeats = 2
+        args.decode_repeats = args.step_rounds = 1
         args.new_tokens, args.prefill_len, args.wide_layers = 8, 32, 1
     ensure_malloc_env()
     torch.set_num_threads(args.threads)

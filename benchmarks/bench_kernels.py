@@ -38,10 +38,9 @@ epilogue backward op recomputes the Linear's output for grad_scale: two matmuls)
 Steering: one dense steering at strength 1 broadcast to every row (R = 1), or ``--routing rows`` (R = B,
 ids cycling 0, 1, -1, strengths varying). The script re-executes itself with glibc's
 MALLOC_MMAP_THRESHOLD_ / MALLOC_TRIM_THRESHOLD_ set (large-tensor timings are bimodal otherwise).
-Run time: the full run (defaults: 2 threads, --repeats 7, --sample-ms 25; 28 cases, each compiling a
-forward and a training graph) is expected to take about 3.5 minutes on this project's 2-core AVX-512 VM
-once torchinductor's on-disk cache is warm and about 5-5.5 minutes cold (compiling adds 2-6 s per
-case). ``--quick`` (one small shape per op, 3 repeats): about 25 s warm, about a minute cold.
+Run time: the full run (defaults: 2 threads, --repeats 5, --sample-ms 20; 28 cases, each compiling a
+forward and a training graph) took 4.4 minutes with 7 repeats of 25 ms on this project's 2-core AVX-512
+VM (compiling adds 2-6 s per case with a cold inductor cache). ``--quick`` (one small shape per op, 3 repeats): about 25 s warm, about a minute cold.
 
     python benchmarks/bench_kernels.py --threads 2 --out benchmarks/results/kernels_cpu.json \\
         --plot benchmarks/results/kernels_cpu.png
@@ -384,15 +383,15 @@ def plot(result, path):
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--threads", type=int, default=2, help="torch / OpenMP threads (default 2)")
-    ap.add_argument("--repeats", type=int, default=None, help="samples per candidate (default 7; 3 with --quick)")
-    ap.add_argument("--sample-ms", type=float, default=25.0, help="target duration of one sample (default 25)")
+    ap.add_argument("--repeats", type=int, default=None, help="samples per candidate (default 5; 3 with --quick)")
+    ap.add_argument("--sample-ms", type=float, default=20.0, help="target duration of one sample (default 20)")
     ap.add_argument("--quick", action="store_true", help="one small shape per op, 3 repeats (< 1 minute)")
     ap.add_argument("--routing", choices=["broadcast", "rows"], default="broadcast")
     ap.add_argument("--only", choices=["norm", "linear"], help="run one op only")
     ap.add_argument("--out", help="write every number and the machine info to this JSON file")
     ap.add_argument("--plot", help="write a PNG (speed-ups, GB/s fraction, Linear ratios)")
     cfg = ap.parse_args()
-    cfg.repeats = cfg.repeats or (3 if cfg.quick else 7)
+    cfg.repeats = cfg.repeats or (3 if cfg.quick else 5)
     cfg.sample_s = cfg.sample_ms / 1e3
     torch.set_num_threads(cfg.threads)
     for name in ("norm_affine", "norm_affine_backward", "steered_linear", "steered_linear_backward"):

@@ -274,7 +274,7 @@ def versions() -> dict:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--repeats", type=int, default=3, help="timed prefill rounds per model (all variants in each)")
+    p.add_argument("--repeats", type=int, default=2, help="timed prefill rounds per model (all variants in each)")
     p.add_argument("--step-rounds", type=int, default=2,
                    help="rounds of --new-tokens decode steps, all variants interleaved token by token")
     p.add_argument("--models", default="smollm2,wide", help="comma list of: smollm2, wide")
