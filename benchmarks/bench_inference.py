@@ -35,7 +35,13 @@ import statistics
 import time
 
 import torch
-from timing import ensure_malloc_env, hf_decoder, interleaved_steps, paired_ratios
+from timing import (
+    ensure_malloc_env,
+    fmt_ratio,
+    hf_decoder,
+    interleaved_steps,
+    paired_ratios,
+)
 
 import lineas_fast as lf
 
@@ -135,12 +141,13 @@ def ops_per_step(model, ids) -> int:
     return sum(e.count for e in prof.key_averages() if e.key.startswith("aten::"))
 
 
-def rotate(copies: dict, fn, repeats: int) -> dict:
+def rotate(copies: dict, fn, repeats: int, warm_up: bool = True) -> dict:
     """``fn(model)`` for every copy once per round, the starting copy rotating from round to round, after a
-    warm-up round; paired ratios to unsteered (SPEC §6)."""
+    warm-up round (``first_call_s``) unless the copies already ran this workload; paired ratios to
+    unsteered (SPEC §6)."""
     names = list(copies)
     samples, warm = {k: [] for k in names}, {}
-    for rnd in range(repeats + 1):
+    for rnd in range(0 if warm_up else 1, repeats + 1):
         j = rnd % len(names)
         for k in names[j:] + names[:j]:
             t0 = time.perf_counter()
@@ -151,7 +158,7 @@ def rotate(copies: dict, fn, repeats: int) -> dict:
             else:
                 warm[k] = dt
     out = paired_ratios(samples, "unsteered")
-    for k in out:
+    for k in warm:
         out[k]["first_call_s"] = warm[k]
     return out
 
@@ -198,9 +205,10 @@ def measure_model(label, model, tok_ids, args) -> dict:
             k["tokens_per_s"] = 8 * args.prefill_len / k["median_s"]
         for batch in (1, 8):
             ids = tok_ids(batch, 16)
-            out[f"decode_b{batch}"] = rotate(copies, lambda m, ids=ids: decode(m, ids, args.new_tokens, False),
-                                             args.decode_repeats)
             out[f"step_b{batch}"] = decode_steps(copies, ids, args)
+            # the decode steps warmed every copy up at this batch size
+            out[f"decode_b{batch}"] = rotate(copies, lambda m, ids=ids: decode(m, ids, args.new_tokens, False),
+                                             args.decode_repeats, warm_up=False)
         out["aten_ops_per_decode_step"] = {k: ops_per_step(m, tok_ids(1, 16)) for k, m in copies.items()}
         del copies
         if args.compile and label.split()[0].lower() in args.compile_models:  # a compilation per variant
@@ -225,6 +233,8 @@ def routing(model, tok_ids, args) -> dict:
             b = decode(model, ids, args.new_tokens, False)
             c = 0.0
             for name, rows in groups.items():
+                if not rnd:  # warm-up round: the two single batches above are enough
+                    break
                 h.route([name] * len(rows))
                 c += decode(model, ids[rows], args.new_tokens, False)
             if rnd:
@@ -233,10 +243,6 @@ def routing(model, tok_ids, args) -> dict:
         h.remove()
     one = statistics.median(t["one steering"])
     return {k: {"median_s": statistics.median(v), "throughput_vs_one": one / statistics.median(v)} for k, v in t.items()}
-
-
-def _ratio(r: dict) -> str:
-    return f"{r['ratio']:.3f}" + (f" [{r['ratio_q1']:.3f}–{r['ratio_q3']:.3f}]" if r.get("ratio_q3", 1) != 1 else "")
 
 
 def markdown(res: dict) -> str:
@@ -253,15 +259,15 @@ def markdown(res: dict) -> str:
                   "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
         for name in m["prefill"]:
             p = m["prefill"][name]
-            cells = [name, f"{p['tokens_per_s']:.0f}", _ratio(p)]
+            cells = [name, f"{p['tokens_per_s']:.0f}", fmt_ratio(p)]
             for key in ("step_b1", "step_b8", "decode_b1", "decode_b8"):
-                cells += [f"{1e3 * m[key][name]['median_s']:.1f}", _ratio(m[key][name])]
+                cells += [f"{1e3 * m[key][name]['median_s']:.1f}", fmt_ratio(m[key][name])]
             lines.append("| " + " | ".join(cells) + " |")
         if "decode_b1_compiled" in m:
             lines += ["", "| torch.compile (static KV cache) | generate b1 ms | ratio vs compiled unsteered | "
                       "first generate s (compiles) |", "|---|---:|---:|---:|"]
             for name, d in m["decode_b1_compiled"].items():
-                lines.append(f"| {name} | {1e3 * d['median_s']:.0f} | {_ratio(d)} | {d['first_call_s']:.0f} |")
+                lines.append(f"| {name} | {1e3 * d['median_s']:.0f} | {fmt_ratio(d)} | {d['first_call_s']:.0f} |")
         nc = m["norm_call"]
         bound = 1 - nc["sites"] * (nc["model_us"] - nc["fused_us"]) * 1e-6 / m["step_b1"]["unsteered"]["median_s"]
         lines += ["", "ATen ops per cached decode step: " + ", ".join(

@@ -76,7 +76,13 @@ from peers.variants import (
     make_variants,
     make_vectors,
 )
-from timing import ensure_malloc_env, hf_decoder, interleaved_steps, paired_ratios
+from timing import (
+    ensure_malloc_env,
+    fmt_ratio,
+    hf_decoder,
+    interleaved_steps,
+    paired_ratios,
+)
 
 
 def _point_cache() -> None:
@@ -214,10 +220,6 @@ def run_model(mname: str, args, log) -> dict:
 # report
 # ----------------------------------------------------------------------------------------------------
 
-def _ratio(r: dict) -> str:
-    return f"{r['ratio']:.3f}" + (f" [{r['ratio_q1']:.3f}–{r['ratio_q3']:.3f}]" if r["pairs"] > 1 and r["ratio_q3"] != 1 else "")
-
-
 def table(mname: str, res: dict, args) -> str:
     tm, ops = res["timings"], res["aten_ops_per_decode_step"]
     wl = list(tm)
@@ -234,7 +236,7 @@ def table(mname: str, res: dict, args) -> str:
         cells = [name]
         for w in wl:
             r = tm[w][name]
-            cells += [f"{ntok / r['median_s']:.0f}" if w == "prefill" else f"{1e3 * r['median_s']:.1f}", _ratio(r)]
+            cells += [f"{ntok / r['median_s']:.0f}" if w == "prefill" else f"{1e3 * r['median_s']:.1f}", fmt_ratio(r)]
         cells.append(f"{ops[name]:,}" if name in ops else "—")
         lines.append("| " + " | ".join(cells) + " |")
     lines.append("")
@@ -274,7 +276,7 @@ def versions() -> dict:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--repeats", type=int, default=2, help="timed prefill rounds per model (all variants in each)")
+    p.add_argument("--repeats", type=int, default=4, help="timed prefill rounds per model (all variants in each)")
     p.add_argument("--step-rounds", type=int, default=2,
                    help="rounds of --new-tokens decode steps, all variants interleaved token by token")
     p.add_argument("--models", default="smollm2,wide", help="comma list of: smollm2, wide")
@@ -333,7 +335,7 @@ def main() -> None:
 
 def summary(results: dict) -> dict:
     """The issue's acceptance figure, per peer: ``fused_vs_peers[peer] = [lf_fused ratio, peer ratio, their
-    standard errors]`` on the
+    standard errors, pairs]`` on the
     model/workload where lf_fused fares worst against that peer (largest fused − peer), and the same for
     ATen ops per decode step (``ops_vs_peers``; deterministic, unlike the timings); every comparison in
     ``fused_vs_peers_all``."""
@@ -345,7 +347,7 @@ def summary(results: dict) -> dict:
                 if p not in per:
                     continue
                 theirs = per[p]
-                pair = [fused["ratio"], theirs["ratio"], fused["ratio_se"], theirs["ratio_se"]]
+                pair = [fused["ratio"], theirs["ratio"], fused["ratio_se"], theirs["ratio_se"], fused["pairs"]]
                 every[f"{p}, {mname} {w}"] = pair
                 if p not in worst or pair[0] - pair[1] > worst[p][2]:
                     worst[p] = (f"{p} (worst case: {mname} {w})", pair, pair[0] - pair[1])

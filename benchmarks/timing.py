@@ -70,6 +70,26 @@ def paired_ratios(samples: dict, base: str) -> dict:
     return out
 
 
+T95 = {1: 12.71, 2: 4.30, 3: 3.18, 4: 2.78, 5: 2.57, 6: 2.45, 7: 2.36, 8: 2.31, 9: 2.26, 10: 2.23, 15: 2.13,
+       20: 2.09, 30: 2.04}
+
+
+def t95(pairs: int) -> float:
+    """Two-sided 95 % Student t quantile for ``pairs - 1`` degrees of freedom (2.0 from 60 on): how many
+    standard errors apart two medians must be before a difference counts as more than noise."""
+    dof = max(1, pairs - 1)
+    if dof >= 60:
+        return 2.0
+    return T95[max(k for k in T95 if k <= dof)]
+
+
+def fmt_ratio(r: dict, unit: str = "") -> str:
+    """A :func:`paired_ratios` entry as ``0.994 [0.988–1.011]`` (the quartiles; left out for the reference
+    itself and for a single pair)."""
+    spread = r.get("pairs", 2) > 1 and r.get("ratio_q1", r["ratio"]) != r.get("ratio_q3", r["ratio"])
+    return f"{r['ratio']:.3f}{unit}" + (f" [{r['ratio_q1']:.3f}–{r['ratio_q3']:.3f}]" if spread else "")
+
+
 def interleaved_steps(variants: dict, steps: int, rounds: int) -> dict:
     """Decode steps of several variants, interleaved token by token.
 
