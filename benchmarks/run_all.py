@@ -12,6 +12,8 @@ one after another, never in parallel (two torch processes on 2 cores distort eac
 from __future__ import annotations
 
 import argparse
+import datetime
+import json
 import os
 import subprocess
 import sys
@@ -60,6 +62,8 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--quick", action="store_true", help="every script's smoke settings (minutes, not a result)")
+    p.add_argument("--started-at", type=float, default=None, metavar="EPOCH",
+                   help="when `make bench` started (its set-up included in the reported wall time)")
     p.add_argument("--only", default=None, metavar="LIST", help="comma-separated steps (the others keep their last results)")
     args = p.parse_args(argv)
     OUT.mkdir(parents=True, exist_ok=True)
@@ -68,11 +72,17 @@ def main(argv=None) -> int:
     unknown = [s for s in chosen if s not in all_steps]
     if unknown:
         p.error(f"unknown step(s) {unknown}; steps: {', '.join(all_steps)}")
-    t0 = time.perf_counter()
-    runs = [run_step(name, all_steps[name]) for name in chosen]
     import report
 
-    report.write(runs, quick=args.quick, total_s=time.perf_counter() - t0, threads=args.threads)
+    commit = report.git_commit()  # before the steps rewrite the tracked results
+    t0 = time.perf_counter()
+    runs = [run_step(name, all_steps[name]) for name in chosen]
+    meta = {"runs": runs, "quick": args.quick, "threads": args.threads, "total_s": round(time.perf_counter() - t0, 1),
+            "commit": commit, "finished": f"{datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M}",
+            "make_bench_s": None if args.started_at is None else round(time.time() - args.started_at, 1),
+            "only": args.only}
+    (OUT / "runs.json").write_text(json.dumps(meta, indent=1))
+    report.write(meta)
     print(f"[bench] wrote {HERE / 'RESULTS.md'} in {time.perf_counter() - t0:.0f} s", flush=True)
     return 0 if all(r["ok"] or r["name"] == "peers" for r in runs) else 1
 

@@ -85,7 +85,9 @@ def test_report_targets_say_met_missed_and_why(tmp_path, monkeypatch):
              "ops_vs_peers": {"repeng, m": [90, 120, 100]}}
     (tmp_path / "inference.json").write_text(json.dumps(inf))
     (tmp_path / "peers.json").write_text(json.dumps(peers))
-    rows = {r[0]: r for r in report.targets()}
+    rows = {r[0]: r for r in report.targets({"make_bench_s": 1590.0, "total_s": 1300.0, "quick": False})}
+    assert rows["`make bench`, set-up included"][2:4] == ("26.5 min", True)
+    assert "4.8 min" in rows["`make bench`, set-up included"][4]
     fused = rows["fused decode step, batch 1, SmolLM2"]
     assert fused[3] is False and "0.42 ms" in fused[4] and "0.992×" in fused[4]  # 60 × 7 µs of a 50 ms step
     assert rows["fold decode step, batch 1, SmolLM2"][3] is True
