@@ -28,9 +28,11 @@ WHY_MISSED = {
               "fused, so fusing the {sites} norms saves at most {saved:.2f} ms of a {step:.1f} ms batch-1 step — "
               "{bound:.3f}× at best. The rest of a CPU decode step is the other ~{ops:,} dispatched ops and the weight "
               "reads, which steering does not touch. Where fusing pays: prefill (below) and GPU launches (GPU on paper)",
-    "peers": "a tie within noise: |Δ| is within the 95 % t-interval of the two medians' standard errors (the ops "
-             "row below is the deterministic comparison)",
-    "peers_real": "fused is slower here by more than the noise",
+    "peers": "a tie within noise: |Δ| is within the 95 % t-interval of the two medians' standard errors plus the "
+             "run's noise floor (the unsteered twin's distance from 1.000); the ops row below is the deterministic "
+             "comparison",
+    "peers_real": "fused is slower here by more than the noise (t-interval of the standard errors plus the "
+                  "unsteered twin's distance from 1.000)",
     "fold": "RMSNorm has no bias, so each norm's shift folds into biases the fold creates on the Linears "
             "consuming it (q/k/v, gate/up): {extra:,} more ATen ops per step than unsteered, a real cost at "
             "batch 1 on CPU where each op is a dispatch",
@@ -86,7 +88,9 @@ def stamp(meta: dict) -> list[str]:
             f"{meta['finished']} UTC, benchmarks {meta['total_s'] / 60:.1f} min{whole}"
             + (" — **`--quick` smoke settings: not a result**" if meta["quick"] else "") + ".",
             f"Machine: {cpu}, {os.cpu_count()} logical cores{mem}, no GPU; {threads} torch threads. "
-            f"Commit {meta['commit']}.",
+            f"Commit {meta['commit']}." + "".join(
+                f" Re-run since with `--only {r['only']}`: commit {r['commit']}, finished {r['finished']} UTC"
+                f"{' (--quick)' if r['quick'] else ''}." for r in meta.get("reruns", [])),
             f"Versions: Python {platform.python_version()}, torch {torch.__version__}, transformers {version('transformers')}, "
             f"diffusers {version('diffusers')}, triton {version('triton')}, lineas_fast {version('lineas_fast')}.",
             "Conventions (SPEC §6): ratios measured side by side in one process, variants interleaved per round, "
@@ -128,9 +132,9 @@ def targets(meta: dict | None = None) -> list[tuple[str, str, str, bool | None, 
         rows.append(("ATen ops per decode step", "fused ≤ unsteered", f"{ops['fused']:,} vs {ops['unsteered']:,}",
                      ops["fused"] <= ops["unsteered"], ""))
     if peers and peers.get("fused_vs_peers"):
-        for peer, (ours, theirs, se_ours, se_theirs, pairs) in peers["fused_vs_peers"].items():
+        for peer, (ours, theirs, se_ours, se_theirs, pairs, *null) in peers["fused_vs_peers"].items():
             ok = ours <= theirs
-            tie = abs(ours - theirs) <= t95(pairs) * (se_ours ** 2 + se_theirs ** 2) ** 0.5
+            tie = abs(ours - theirs) <= t95(pairs) * (se_ours ** 2 + se_theirs ** 2) ** 0.5 + (null[0] if null else 0.0)
             rows.append((f"fused vs {peer}", "fused overhead ≤ peer's", f"{ours:.3f}× vs {theirs:.3f}×", ok,
                          "" if ok else WHY_MISSED["peers" if tie else "peers_real"]))
         more = [k for k, (f, p, _) in peers["ops_vs_peers"].items() if f > p]

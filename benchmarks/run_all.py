@@ -81,7 +81,14 @@ def main(argv=None) -> int:
             "commit": commit, "finished": f"{datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M}",
             "make_bench_s": None if args.started_at is None else round(time.time() - args.started_at, 1),
             "only": args.only}
-    (OUT / "runs.json").write_text(json.dumps(meta, indent=1))
+    saved = OUT / "runs.json"
+    if args.only and saved.exists():  # a partial re-run: keep the full run's facts, note what was redone
+        full = json.loads(saved.read_text())
+        done = {r["name"] for r in runs}
+        full["runs"] = [r for r in full["runs"] if r["name"] not in done] + runs
+        full.setdefault("reruns", []).append({k: meta[k] for k in ("only", "commit", "finished", "total_s", "quick")})
+        meta = full
+    saved.write_text(json.dumps(meta, indent=1))
     report.write(meta)
     print(f"[bench] wrote {HERE / 'RESULTS.md'} in {time.perf_counter() - t0:.0f} s", flush=True)
     return 0 if all(r["ok"] or r["name"] == "peers" for r in runs) else 1

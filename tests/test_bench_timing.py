@@ -81,7 +81,8 @@ def test_report_targets_say_met_missed_and_why(tmp_path, monkeypatch):
                        "aten_ops_per_decode_step": {"unsteered": 100, "hooks": 110, "fused": 90, "fold": 105}}],
            "routing": {"mixed (4 steerings + unsteered)": {"throughput_vs_one": 0.97}}}
     peers = {"fused_vs_peers": {"repeng": [0.99, 1.02, 0.004, 0.004, 64], "pyvene": [1.01, 1.005, 0.004, 0.004, 64],
-                                "sv": [1.05, 1.0, 0.004, 0.004, 64], "few": [1.05, 1.0, 0.004, 0.004, 2]},
+                                "sv": [1.05, 1.0, 0.004, 0.004, 64], "few": [1.05, 1.0, 0.004, 0.004, 2],
+                                "floor": [1.05, 1.0, 0.004, 0.004, 64, 0.04]},
              "ops_vs_peers": {"repeng, m": [90, 120, 100]}}
     (tmp_path / "inference.json").write_text(json.dumps(inf))
     (tmp_path / "peers.json").write_text(json.dumps(peers))
@@ -96,6 +97,7 @@ def test_report_targets_say_met_missed_and_why(tmp_path, monkeypatch):
     assert rows["fused vs pyvene"][3] is False and "tie within noise" in rows["fused vs pyvene"][4]
     assert rows["fused vs sv"][3] is False and "more than the noise" in rows["fused vs sv"][4]
     assert rows["fused vs few"][3] is False and "tie within noise" in rows["fused vs few"][4]  # 2 pairs: t = 12.7
+    assert "tie within noise" in rows["fused vs floor"][4]  # the unsteered twin's 0.04 noise floor covers it
     assert rows["ATen ops per decode step vs peers"][3] is True
 
 

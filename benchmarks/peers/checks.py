@@ -41,7 +41,7 @@ def check_equivalence(variants, small: dict, log) -> dict:
            "_unsteered_same_greedy_tokens": all(torch.equal(outs["unsteered"][w], outs["lf_hooks"][w])
                                                 for w in small if w != "prefill")}
     assert res["_steered_vs_unsteered_max_abs"] > 1e-2 * res["_logit_scale"], "the steering changes nothing"
-    res.update(compare(outs, {v.name: "lf_hooks" for v in variants if v.name not in ("unsteered", "lf_hooks")},
+    res.update(compare(outs, {v.name: "lf_hooks" for v in variants if v.kind != "base" and v.name != "lf_hooks"},
                        "small"))
     log(f"  max |logit - lf_hooks| (logits up to {res['_logit_scale']:.1f}, steered vs unsteered "
         f"{res['_steered_vs_unsteered_max_abs']:.3g}): " + ", ".join(

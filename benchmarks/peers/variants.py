@@ -222,12 +222,15 @@ def make_steering(model, vectors: dict):
 
 
 def make_variants(model, st, vectors) -> list:
-    """Every variant on its own deep copy of the model (unsteered: the model itself), so that all of them
-    can stay attached while their decode steps are interleaved token by token."""
+    """Every variant on its own deep copy of the model (the unsteered reference too, and its twin: the
+    null comparison), so that all of them can stay attached while their decode steps are interleaved
+    token by token."""
     def own():
         return copy.deepcopy(model)
 
-    variants = [Unsteered("unsteered", model)]
+    # "unsteered_twin" does exactly the unsteered work on another copy: its ratio's distance from 1 is this
+    # run's noise floor, which the fused-vs-peer verdicts add to the medians' standard errors
+    variants = [Unsteered("unsteered", own()), Unsteered("unsteered_twin", own())]
     variants += [LineasFast(f"lf_{m}", own(), st, m) for m in LF_MODES]
     variants += [Repeng("repeng", own(), vectors), SteeringVectors("steering_vectors", own(), vectors),
                  Pyvene("pyvene", own(), vectors), MlActStyle("mlact_style", own(), st)]
