@@ -179,7 +179,7 @@ def plot_inference(inf: dict, path: Path) -> None:
     fig, axes = plt.subplots(1, len(inf["models"]), figsize=(6 * len(inf["models"]), 3.6), squeeze=False)
     for ax, m in zip(axes[0], inf["models"]):
         measures = [k for k in ("prefill", "step_b1", "step_b8", "decode_b1", "decode_b8", "decode_b1_compiled")
-                    if k in m]
+                    if k in m and (k.startswith("step") or next(iter(m[k].values())).get("pairs", 3) >= 3)]
         names = list(m[measures[0]])
         width = 0.8 / len(names)
         for i, name in enumerate(names):
