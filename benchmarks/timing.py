@@ -90,7 +90,7 @@ def fmt_ratio(r: dict, unit: str = "") -> str:
     return f"{r['ratio']:.3f}{unit}" + (f" [{r['ratio_q1']:.3f}–{r['ratio_q3']:.3f}]" if spread else "")
 
 
-def interleaved_steps(variants: dict, steps: int, rounds: int) -> dict:
+def interleaved_steps(variants: dict, steps: int, rounds: int) -> tuple[dict, dict]:
     """Decode steps of several variants, interleaved token by token.
 
     ``variants`` maps a name to ``(start, step)``: ``start()`` runs the prompt (untimed) and returns a state,
