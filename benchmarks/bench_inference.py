@@ -33,6 +33,7 @@ import argparse
 import json
 import statistics
 import time
+from functools import partial
 
 import torch
 from timing import (
@@ -41,6 +42,7 @@ from timing import (
     hf_decoder,
     interleaved_steps,
     paired_ratios,
+    rotated,
 )
 
 import lineas_fast as lf
@@ -142,25 +144,8 @@ def ops_per_step(model, ids) -> int:
 
 
 def rotate(copies: dict, fn, repeats: int, warm_up: bool = True) -> dict:
-    """``fn(model)`` for every copy once per round, the starting copy rotating from round to round, after a
-    warm-up round (``first_call_s``) unless the copies already ran this workload; paired ratios to
-    unsteered (SPEC §6)."""
-    names = list(copies)
-    samples, warm = {k: [] for k in names}, {}
-    for rnd in range(0 if warm_up else 1, repeats + 1):
-        j = rnd % len(names)
-        for k in names[j:] + names[:j]:
-            t0 = time.perf_counter()
-            fn(copies[k])
-            dt = time.perf_counter() - t0
-            if rnd:
-                samples[k].append(dt)
-            else:
-                warm[k] = dt
-    out = paired_ratios(samples, "unsteered")
-    for k in warm:
-        out[k]["first_call_s"] = warm[k]
-    return out
+    """``fn(model)`` for every copy, rotated rounds (:func:`timing.rotated`), paired ratios to unsteered."""
+    return rotated({k: partial(fn, m) for k, m in copies.items()}, repeats, "unsteered", warm_up)
 
 
 def decode_steps(copies: dict, ids, args) -> dict:

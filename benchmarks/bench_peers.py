@@ -63,6 +63,7 @@ import platform
 import sys
 import time
 import warnings
+from functools import partial
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
@@ -82,6 +83,7 @@ from timing import (
     hf_decoder,
     interleaved_steps,
     paired_ratios,
+    rotated,
 )
 
 
@@ -144,15 +146,10 @@ def ops_per_step(v, ids) -> int:
 
 
 def measure_prefill(variants, ids, repeats: int) -> dict:
-    """One no-cache forward per variant per round, the starting variant rotating (round r starts at
-    variant r mod n), ``repeats`` rounds; paired ratios to unsteered."""
+    """One no-cache forward per variant per round (:func:`timing.rotated`: the starting variant rotating,
+    ``repeats`` rounds after a warm-up round); paired ratios to unsteered."""
     pos = positions(ids)
-    samples = {v.name: [] for v in variants}
-    for rep in range(repeats):
-        k = rep % len(variants)
-        for v in variants[k:] + variants[:k]:
-            samples[v.name].append(prefill(v, ids, pos)[0])
-    return paired_ratios(samples, "unsteered")
+    return rotated({v.name: partial(prefill, v, ids, pos) for v in variants}, repeats, "unsteered")
 
 
 def measure_steps(variants, ids, args) -> dict:
@@ -207,7 +204,7 @@ def run_model(mname: str, args, log) -> dict:
                 res["timings"][f"step_b{b}"] = measure_steps(variants, ids[b], args)
                 log(f"  decode steps b{b}: {time.perf_counter() - t:.1f} s")
             t = time.perf_counter()
-            res["timings"]["prefill"] = measure_prefill(variants, pre, args.repeats + 1)  # +1: the warm-up
+            res["timings"]["prefill"] = measure_prefill(variants, pre, args.repeats)
             log(f"  prefill: {time.perf_counter() - t:.1f} s")
         finally:
             for v in variants:

@@ -70,6 +70,28 @@ def paired_ratios(samples: dict, base: str) -> dict:
     return out
 
 
+def rotated(fns: dict, repeats: int, base: str, warm_up: bool = True) -> dict:
+    """Each ``fns[name]()`` once per round, the starting one rotating from round to round (round r starts
+    at r mod n), ``repeats`` timed rounds after a warm-up round (its times: ``first_call_s``) unless
+    ``warm_up`` is False; :func:`paired_ratios` to ``base``."""
+    names = list(fns)
+    samples, warm = {k: [] for k in names}, {}
+    for rnd in range(0 if warm_up else 1, repeats + 1):
+        j = rnd % len(names)
+        for k in names[j:] + names[:j]:
+            t0 = time.perf_counter()
+            fns[k]()
+            dt = time.perf_counter() - t0
+            if rnd:
+                samples[k].append(dt)
+            else:
+                warm[k] = dt
+    out = paired_ratios(samples, base)
+    for k, t in warm.items():
+        out[k]["first_call_s"] = t
+    return out
+
+
 T95 = {1: 12.71, 2: 4.30, 3: 3.18, 4: 2.78, 5: 2.57, 6: 2.45, 7: 2.36, 8: 2.31, 9: 2.26, 10: 2.23, 15: 2.13,
        20: 2.09, 30: 2.04}
 

@@ -104,3 +104,14 @@ def test_report_targets_say_met_missed_and_why(tmp_path, monkeypatch):
 def test_t95():
     assert timing.t95(2) == 12.71 and timing.t95(3) == 4.30 and timing.t95(64) == 2.0
     assert timing.t95(12) == 2.23 and timing.t95(1) == 12.71
+
+
+def test_rotated_rotates_and_leaves_the_warm_up_out():
+    calls = []
+    fns = {k: (lambda k=k: calls.append(k)) for k in "abc"}
+    r = timing.rotated(fns, repeats=2, base="a")
+    assert calls == ["a", "b", "c", "b", "c", "a", "c", "a", "b"]  # round r starts at r mod 3
+    assert all(v["pairs"] == 2 and "first_call_s" in v for v in r.values())
+    calls.clear()
+    r = timing.rotated(fns, repeats=2, base="a", warm_up=False)
+    assert len(calls) == 6 and all("first_call_s" not in v for v in r.values())
