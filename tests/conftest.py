@@ -9,6 +9,7 @@ import os
 
 os.environ.setdefault("TRITON_INTERPRET", "1")
 
+import contextlib  # noqa: E402
 import copy  # noqa: E402
 import sys  # noqa: E402
 from pathlib import Path  # noqa: E402
@@ -130,6 +131,32 @@ def assert_state_equal(model, snap: dict) -> None:
 def no_hooks_left(model) -> list[str]:
     """Names of modules that still carry forward (pre-)hooks."""
     return [n for n, m in model.named_modules() if m._forward_hooks or m._forward_pre_hooks]
+
+
+@contextlib.contextmanager
+def fit_leaves_llama_as_found(model):
+    """Around fits of a tiny Llama: put it in training mode with a mix of ``requires_grad`` flags and a
+    hook counting LM-head calls; afterwards assert what every fit must leave as it found — parameters,
+    flags, mode, no hooks, no grads, no steering handle — and that the forward stopped before the head."""
+    from lineas_fast.patching.handle import ATTR
+
+    model.train()
+    model.model.embed_tokens.weight.requires_grad_(False)  # a mix of flags must survive
+    flags = [(n, p.requires_grad) for n, p in model.named_parameters()]
+    snap = snapshot(model)
+    head_calls = []
+    h = model.lm_head.register_forward_hook(lambda *a: head_calls.append(1))
+    try:
+        yield
+    finally:
+        h.remove()
+    assert head_calls == []  # the forward stops after the last site's block
+    assert_state_equal(model, snap)
+    assert [(n, p.requires_grad) for n, p in model.named_parameters()] == flags
+    assert model.training
+    assert no_hooks_left(model) == []
+    assert all(p.grad is None for p in model.parameters())
+    assert getattr(model, ATTR, None) is None
 
 
 def assert_fp32_close(got: torch.Tensor, want: torch.Tensor, what: str = "") -> None:

@@ -4,9 +4,9 @@ import pytest
 import torch
 
 import lineas_fast as lf
-from conftest import (SOURCE, TARGET, VOCAB, assert_state_equal, logits, make_model, no_hooks_left, snapshot)
+from conftest import (SOURCE, TARGET, VOCAB, assert_state_equal, fit_leaves_llama_as_found, logits, make_model,
+                      no_hooks_left, snapshot)
 from lineas_fast.methods.prox import prox_sparse_group, soft_threshold, step_sizes
-from lineas_fast.patching.handle import ATTR
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -81,24 +81,9 @@ def test_deterministic_with_seed(tok):
 
 def test_fit_leaves_model_unchanged(tok):
     model = make_model("llama")
-    model.train()
-    model.model.embed_tokens.weight.requires_grad_(False)  # a mix of flags must survive
-    flags = [(n, p.requires_grad) for n, p in model.named_parameters()]
-    snap = snapshot(model)
-    head_calls = []
-    h = model.lm_head.register_forward_hook(lambda *a: head_calls.append(1))
-    try:
+    with fit_leaves_llama_as_found(model):
         fit(model, tok, steps=3)
         lf.fit(model, tok, SOURCE, TARGET, method="mean_act")
-    finally:
-        h.remove()
-    assert head_calls == []  # the forward stops after the last site
-    assert_state_equal(model, snap)
-    assert [(n, p.requires_grad) for n, p in model.named_parameters()] == flags
-    assert model.training
-    assert no_hooks_left(model) == []
-    assert all(p.grad is None for p in model.parameters())
-    assert getattr(model, ATTR, None) is None
 
 
 @pytest.mark.parametrize("arch", ["llama", "gpt2"])

@@ -9,10 +9,9 @@ import torch
 from torch._dynamo.utils import counters
 
 import lineas_fast as lf
-from conftest import ARCHS, SOURCE, TARGET, assert_state_equal, make_model, no_hooks_left, snapshot
+from conftest import ARCHS, SOURCE, TARGET, assert_state_equal, fit_leaves_llama_as_found, make_model, no_hooks_left, snapshot
 from lineas_fast.methods.lineas_compile import CompiledForward, pack_rows
 from lineas_fast.patching.fused import FusedNorm
-from lineas_fast.patching.handle import ATTR
 
 pytestmark = pytest.mark.usefixtures("one_thread", "fresh_dynamo")
 
@@ -178,25 +177,10 @@ def test_pack_rows_first_fit_decreasing():
 # ---------------------------------------------------------------- the model is left exactly as found
 def test_compiled_fit_leaves_model_unchanged(tok):
     model = make_model("llama")
-    model.train()
-    model.model.embed_tokens.weight.requires_grad_(False)  # a mix of flags must survive
-    flags = [(n, p.requires_grad) for n, p in model.named_parameters()]
-    snap = snapshot(model)
     modules = dict(model.named_modules())
-    head_calls = []
-    h = model.lm_head.register_forward_hook(lambda *a: head_calls.append(1))
-    try:
+    with fit_leaves_llama_as_found(model):
         fit(model, tok, steps=3, compile="aot_eager", fused=True)
         fit(model, tok, steps=2, compile="aot_eager", fused=False, sites="mlp_hidden")
-    finally:
-        h.remove()
-    assert head_calls == []  # the forward stops after the last site's block
-    assert_state_equal(model, snap)
-    assert [(n, p.requires_grad) for n, p in model.named_parameters()] == flags
-    assert model.training
-    assert no_hooks_left(model) == []
-    assert all(p.grad is None for p in model.parameters())
-    assert getattr(model, ATTR, None) is None
     assert dict(model.named_modules()) == modules  # same module objects (fused norms put back)
     assert not any(isinstance(m, FusedNorm) for m in model.modules())
     for name, m in model.named_modules():
