@@ -31,6 +31,8 @@ def main() -> None:
     ap.add_argument("--config", action="append", help="JSON dict of lf.fit kwargs (repeatable)")
     ap.add_argument("--render", action="store_true", help="print --out as a markdown table and exit")
     ap.add_argument("--strengths", default="1", help="comma-separated strengths")
+    ap.add_argument("--target", default="nontoxic", help="built-in target set of the fit (default: nontoxic)")
+    ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     ap.add_argument("--prompts", type=int, default=300)
     ap.add_argument("--baseline", action="store_true", help="also record the unsteered row")
     ap.add_argument("--baseline-cache", help="JSON file caching the unsteered run (computed if missing)")
@@ -40,8 +42,10 @@ def main() -> None:
         return
     if not args.config:
         ap.error("--config is required (unless --render)")
+    if args.threads:
+        torch.set_num_threads(args.threads)
     model, tok = lf.load_model("smollm2-135m")
-    src, tgt = lf.data.load_texts("toxic"), lf.data.load_texts("wiki")
+    src, tgt = lf.data.load_texts("toxic"), lf.data.load_texts(args.target)
     prompts = lf.data.load_texts("toxic", "eval")[: args.prompts]
     passages = wiki_passages(tok, "eval")
     base = _baseline(args.baseline_cache, model, tok, prompts, passages)
@@ -56,8 +60,10 @@ def main() -> None:
             with lf.steered(model, st, strength=lam):
                 r = E.evaluate_model(model, tok, prompts, passages)
             d, lo, hi = E.paired_bootstrap(base["toxic"], r["toxic"])
-            row = {"config": cfg, "strength": lam, "fit_s": round(fit_s, 1), "nnz": st.nnz(),
-                   "active_sites": len(st.active_sites()), "final_loss": st.meta["train"].get("loss", [None])[-1],
+            train = st.meta.get("train", {})
+            row = {"config": cfg, "target": args.target, "strength": lam, "steps_run": train.get("steps_run"),
+                   "step_s": round(float(np.median(train["step_seconds"])), 3) if train.get("step_seconds") else None, "fit_s": round(fit_s, 1), "nnz": st.nnz(),
+                   "active_sites": len(st.active_sites()), "first_loss": (train.get("loss") or [None])[0], "final_loss": (train.get("loss") or [None])[-1],
                    **_metrics(r), "cut": base["toxic_rate"] / max(r["toxic_rate"], 1e-9),
                    "ppl_change": r["ppl"] / base["ppl"] - 1, "toxic_diff_ci": [lo, hi],
                    "examples": r["texts"][:3]}

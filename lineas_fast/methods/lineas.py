@@ -17,25 +17,19 @@ import time
 from types import SimpleNamespace
 
 import torch
-from tqdm.auto import tqdm
 
-from ..collect import POOLINGS, collect, encode, length_buckets, model_device, pool, run_to_sites, tap
+from ..collect import POOLINGS, collect, encode, model_device, pool, run_to_sites, tap
 from ..errors import SteeringError
-from ..losses import column_weights, wasserstein_loss
 from ..sites import resolve_sites, site_widths
 from ..steering import Steering
 from .common import check_prompt_sets, model_meta
 from .lineas_compile import CompiledForward, compile_backend
-from .prox import prox_sparse_group, step_sizes
+from .trainer import Recipe, Targets, train_maps
 
-# Chosen on the default task (SmolLM2-135M, 32 toxic vs 32 WikiText lines, SPEC §5 protocol); the sweep,
-# its command and every measured point are in docs/tuning.md. In short: token pooling gives the loss ~500
-# samples instead of 32 sentence means; per-column variance normalisation keeps a few huge-variance
-# neurons from dominating; l1 (in units of that normalised loss, thresholded in Adam's metric) keeps
-# only ~7% of the entries off identity and removes Adam's uniform drift of every scale; 40 steps keeps
-# the fit near 2 minutes on 2 cores. lr 1e-2 and SGD diverged.
-DEFAULTS = dict(sites="norms", pooling="tokens", steps=40, lr=3e-3, l1=10.0, group_l2=0.0, batch_size=32,
-                normalize="var", optimizer="adam", max_length=64, seed=0)
+# The reference recipe (SPEC §2); the defaults are picked by the protocol in docs/tuning.md.
+DEFAULTS = dict(sites="norms", pooling="mean", steps=200, lr=1e-3, schedule="cosine", lr_end=1e-3, betas=(0.9, 0.9),
+                l1=0.0, group_l2=0.0, batch_size=20, normalize="var", optimizer="adam", preserve=0.0, tol=0.0,
+                window=20, max_length=64, seed=0, autocast=False, compile=False)
 
 
 class _FrozenModel:
@@ -101,12 +95,14 @@ def _native_norm_kernel(device) -> bool:
 
 class _EagerForward:
     """The reference training forward: length-bucketed micro-batches through the model with hooks that
-    steer each site (unless a fused norm already did) and pool it. ``bind(ω, b)`` then ``self(prompts)``."""
+    steer each site (unless a fused norm already did) and pool it. ``bind(ω, b)`` then ``self(indices)``
+    → ``(z, owner)`` (see :mod:`.trainer`)."""
 
-    def __init__(self, model, tok, source, sites, slices, fused, *, pooling, max_length, micro_batch):
-        self.model, self.tok, self.source, self.sites, self.slices = model, tok, source, sites, slices
+    def __init__(self, model, tok, texts, sites, slices, fused, *, pooling, max_length, micro_batch):
+        self.model, self.tok, self.texts, self.sites, self.slices = model, tok, texts, sites, slices
         self.fused, self.pooling, self.max_length, self.micro_batch = set(fused), pooling, max_length, micro_batch
         self.device = model_device(model)
+        self.lengths = [len(t) for t in tok(texts, truncation=max_length is not None, max_length=max_length)["input_ids"]]
         self.pooled: dict[str, list] = {s: [] for s in sites}
         self._batches: dict[tuple, list] = {}
         self.mask = None
@@ -131,40 +127,51 @@ class _EagerForward:
         self.pooled[spec].append(pool(out, self.mask, self.pooling))
         return out.to(h.dtype)
 
-    def __call__(self, prompts: list[int]) -> torch.Tensor:
+    def _encoded(self, prompts: list[int]) -> list:
         key = tuple(prompts)
         batches = self._batches.get(key)
-        if batches is None:
-            chunks = length_buckets(self.tok, [self.source[i] for i in prompts], self.micro_batch)
-            batches = [encode(self.tok, chunk, self.max_length, self.device) for chunk in chunks]
+        if batches is None:  # chunks of similar length (less padding); pooled values do not depend on it
+            order = sorted(prompts, key=lambda i: (self.lengths[i], i))
+            batches = []
+            for k in range(0, len(order), self.micro_batch):
+                chunk = order[k:k + self.micro_batch]
+                ids, mask = encode(self.tok, [self.texts[i] for i in chunk], self.max_length, self.device)
+                rows = torch.tensor(chunk, device=self.device)
+                owner = rows.repeat_interleave(mask.sum(1)) if self.pooling == "tokens" else rows
+                batches.append((ids, mask, owner))
             if len(self._batches) < 4:  # the full batch repeats every step: encoded once
                 self._batches[key] = batches
-        for ids, mask in batches:
+        return batches
+
+    def __call__(self, prompts: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+        batches = self._encoded(prompts)
+        for ids, mask, _ in batches:
             self.mask = mask
             run_to_sites(self.model, ids, mask, self.seen)
         z = torch.cat([torch.cat(self.pooled[s]) for s in self.sites], dim=1)
         for s in self.sites:
             self.pooled[s].clear()
-        return z
+        return z, torch.cat([owner for _, _, owner in batches])
 
 
 def fit_lineas(model, tok, source, target, *, sites=DEFAULTS["sites"], pooling=DEFAULTS["pooling"],
-               steps=DEFAULTS["steps"], lr=DEFAULTS["lr"], l1=DEFAULTS["l1"], group_l2=DEFAULTS["group_l2"],
-               batch_size=DEFAULTS["batch_size"], normalize=DEFAULTS["normalize"],
-               optimizer=DEFAULTS["optimizer"], max_length=DEFAULTS["max_length"], seed=DEFAULTS["seed"],
-               micro_batch: int = 8, fused: bool | None = None, autocast: bool = False, compile: bool | str = False,
-               progress: bool = True) -> Steering:
+               steps=DEFAULTS["steps"], lr=DEFAULTS["lr"], schedule=DEFAULTS["schedule"],
+               lr_end=DEFAULTS["lr_end"], betas=DEFAULTS["betas"], l1=DEFAULTS["l1"],
+               group_l2=DEFAULTS["group_l2"], batch_size=DEFAULTS["batch_size"], normalize=DEFAULTS["normalize"],
+               optimizer=DEFAULTS["optimizer"], preserve=DEFAULTS["preserve"], tol=DEFAULTS["tol"],
+               window=DEFAULTS["window"], max_length=DEFAULTS["max_length"], seed=DEFAULTS["seed"],
+               micro_batch: int = 8, fused: bool | None = None, autocast: bool = DEFAULTS["autocast"],
+               compile: bool | str = DEFAULTS["compile"], progress: bool = True) -> Steering:
     """Fit LinEAS maps; see :func:`lineas_fast.fit` for the arguments."""
     source, target = check_prompt_sets(source, target)
     if pooling not in POOLINGS:
         raise SteeringError(f"pooling={pooling!r}: expected one of {POOLINGS}")
-    if optimizer not in ("adam", "sgd"):
-        raise SteeringError(f"optimizer={optimizer!r}: expected 'adam' or 'sgd'")
-    if normalize not in (None, "none", "var"):
-        raise SteeringError(f"normalize={normalize!r}: expected None or 'var'")
-    if steps < 0 or lr <= 0 or l1 < 0 or group_l2 < 0 or batch_size < 2:
-        raise SteeringError(f"need steps >= 0, lr > 0, l1 >= 0, group_l2 >= 0, batch_size >= 2 "
-                            f"(got {steps}, {lr}, {l1}, {group_l2}, {batch_size})")
+    recipe = Recipe(steps=steps, lr=lr, schedule=schedule, lr_end=lr_end, betas=tuple(betas) if isinstance(
+        betas, (list, tuple)) else betas, optimizer=optimizer, batch_size=batch_size, l1=l1, group_l2=group_l2,
+        normalize=normalize, preserve=preserve, tol=tol, window=window, seed=seed, autocast=autocast)
+    recipe.validate()
+    if isinstance(micro_batch, bool) or not isinstance(micro_batch, int) or micro_batch < 1:
+        raise SteeringError(f"micro_batch={micro_batch!r}: expected an integer >= 1")
     backend = compile_backend(compile)
     site_list = resolve_sites(model, sites)
     widths = site_widths(model, site_list)
@@ -175,71 +182,55 @@ def fit_lineas(model, tok, source, target, *, sites=DEFAULTS["sites"], pooling=D
     device = model_device(model)
     t0 = time.perf_counter()
 
-    # 1. targets, unsteered, once; sorted once.
+    # 1. targets, unsteered, once (and which rows belong to which target prompt, for ``preserve``).
     v = collect(model, tok, target, site_list, pooling=pooling, max_length=max_length)
-    v = torch.cat([v[s] for s in site_list], dim=1).to(device)
-    v_sorted = torch.sort(v, dim=0).values
-    weights = column_weights(v, normalize)
+    v = torch.cat([v[s] for s in site_list], dim=1)
+    counts = ([len(t) for t in tok(target, truncation=max_length is not None, max_length=max_length)["input_ids"]]
+              if pooling == "tokens" else [1] * len(target))
+    targets = Targets.from_counts(v, counts)
 
-    # 2. identity init; flat parameter vectors, one slice per site.
-    gen = torch.Generator().manual_seed(seed)
-    omega = torch.ones(offsets, device=device, requires_grad=True)
-    shift = torch.zeros(offsets, device=device, requires_grad=True)
-    opt = (torch.optim.Adam if optimizer == "adam" else torch.optim.SGD)([omega, shift], lr=lr)
-    n = len(source)
-    history = {"loss": [], "nnz": [], "active_sites": [], "step_seconds": [], "phase_seconds": []}
-
+    # 2. the forward: source prompts (and target prompts, to measure how far the maps move them).
+    texts = source + (target if preserve > 0 else [])
     trained = _TrainedNorms(model, site_list, slices, fused)
     if backend is None:
-        forward = _EagerForward(model, tok, source, site_list, slices, trained.fused, pooling=pooling,
+        forward = _EagerForward(model, tok, texts, site_list, slices, trained.fused, pooling=pooling,
                                 max_length=max_length, micro_batch=micro_batch)
     else:
-        tokens = [list(t) for t in tok(source, truncation=max_length is not None, max_length=max_length)["input_ids"]]
+        tokens = [list(t) for t in tok(texts, truncation=max_length is not None, max_length=max_length)["input_ids"]]
         pad = next((t for t in (tok.pad_token_id, tok.eos_token_id) if t is not None), 0)
+        per_step = min(batch_size, len(source)) + (min(batch_size, len(target)) if preserve > 0 else 0)
         forward = CompiledForward(model, tokens, site_list, slices, trained.fused, pooling=pooling,
-                                  rows_for=min(batch_size, n), pad_id=pad, backend=backend)
-    bar = tqdm(range(steps), desc="LinEAS", disable=not progress)
-    with _FrozenModel(model), trained, forward:
-        for _ in bar:
-            t_step = time.perf_counter()
-            trained.bind(omega, shift)  # fresh views of the parameters: one autograd graph per step
-            forward.bind(omega, shift)
-            prompts = list(range(n)) if batch_size >= n else torch.randperm(n, generator=gen)[:batch_size].tolist()
-            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast):
-                z = forward(prompts)
-            if not torch.isfinite(z).all():
-                bad = next(s for s in site_list if not torch.isfinite(z[:, slices[s]]).all())
-                raise SteeringError(f"site {bad!r}: NaN or inf in steered activations during fit "
-                                    f"(lower lr={lr} or check the model)")
-            t_fwd = time.perf_counter()
-            loss = wasserstein_loss(z, v_sorted, weights)
-            t_loss = time.perf_counter()
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            t_bwd = time.perf_counter()
-            opt.step()
-            gw, gb = step_sizes(opt, omega), step_sizes(opt, shift)
-            prox_sparse_group(omega.data, shift.data, gw, gb, l1, group_l2, list(slices.values()))
-            with torch.no_grad():
-                off = (omega != 1).int() + (shift != 0).int()
-                nnz = int(off.sum())
-                active = sum(int(off[sl].any()) for sl in slices.values())
-            history["loss"].append(loss.item())
-            history["nnz"].append(nnz)
-            history["active_sites"].append(active)
-            t_end = time.perf_counter()
-            history["step_seconds"].append(round(t_end - t_step, 4))
-            history["phase_seconds"].append({"forward": round(t_fwd - t_step, 4), "loss": round(t_loss - t_fwd, 4),
-                                             "backward": round(t_bwd - t_loss, 4), "update": round(t_end - t_bwd, 4)})
-            bar.set_postfix(loss=f"{history['loss'][-1]:.4g}", nnz=nnz, sites=active)
+                                  rows_for=per_step, pad_id=pad, backend=backend)
+    with _FrozenModel(model), trained:
+        omega, shift, history = train_maps(_Bound(forward, trained), n_source=len(source), targets=targets,
+                                           slices=slices, recipe=recipe, device=device, progress=progress)
     fit_seconds = time.perf_counter() - t0
 
-    scale = {s: omega.detach()[slices[s]].cpu() for s in site_list}
-    shift_d = {s: shift.detach()[slices[s]].cpu() for s in site_list}
-    hyper = dict(sites=sites if isinstance(sites, str) else list(sites), pooling=pooling, steps=steps, lr=lr,
-                 l1=l1, group_l2=group_l2, batch_size=batch_size, normalize=normalize, optimizer=optimizer,
-                 max_length=max_length, seed=seed, n_source=len(source), n_target=len(target), autocast=autocast,
-                 compile=backend or False)
+    scale = {s: omega[slices[s]].cpu() for s in site_list}
+    shift_d = {s: shift[slices[s]].cpu() for s in site_list}
+    hyper = dict(sites=sites if isinstance(sites, str) else list(sites), pooling=pooling, **recipe.hyperparams(),
+                 max_length=max_length, n_source=len(source), n_target=len(target), compile=backend or False)
     meta = {"method": "lineas", **model_meta(model), "hyperparams": hyper,
             "train": {**history, "fit_seconds": round(fit_seconds, 3)}}
     return Steering(scale, shift_d, meta)
+
+
+class _Bound:
+    """A training forward whose ``bind`` also hands (ω, b) to the fused norms."""
+
+    def __init__(self, forward, trained: _TrainedNorms):
+        self.forward, self.trained = forward, trained
+
+    def __enter__(self):
+        self.forward.__enter__()
+        return self
+
+    def __exit__(self, *exc):
+        return self.forward.__exit__(*exc)
+
+    def bind(self, omega, shift) -> None:
+        self.trained.bind(omega, shift)
+        self.forward.bind(omega, shift)
+
+    def __call__(self, prompts):
+        return self.forward(prompts)

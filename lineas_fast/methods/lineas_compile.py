@@ -1,5 +1,5 @@
 """``lf.fit(..., method="lineas", compile=True)``: the LinEAS training forward with static shapes and
-compiled decoder blocks (the loss, backward, Adam, prox and bookkeeping are those of :mod:`.lineas`).
+compiled decoder blocks (the loss, backward, Adam, prox and bookkeeping are those of :mod:`.trainer`).
 
 * **Static, packed layout.** A step's source prompts are packed, first-fit decreasing by token count,
   into rows of a fixed width ``L`` (the longest prompt rounded up to a multiple of 8). Position ids
@@ -117,10 +117,10 @@ class Layout:
 
 
 class CompiledForward:
-    """Context for the training loop: ``bind(ω, b)`` then ``z = self(prompt indices)`` → ``[samples, Σd]``.
+    """A training forward (:mod:`.trainer`): ``bind(ω, b)`` then ``self(prompt indices)`` → ``(z, owner)``.
 
     Args:
-        tokens: token ids of every source prompt (as the eager path tokenizes them).
+        tokens: token ids of every prompt the fit runs (as the eager path tokenizes them).
         fused: sites whose module is a fused norm already applying (ω, b) (see ``_TrainedNorms``).
         rows_for: how many prompts a step uses (fixes the number of rows of every forward).
     """
@@ -224,7 +224,8 @@ class CompiledForward:
                 setattr(module, _SCALE, omega[self.slices[s]])
                 setattr(module, _SHIFT, shift[self.slices[s]])
 
-    def __call__(self, prompts: list[int]) -> torch.Tensor:
+    def __call__(self, prompts: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(z, owner)``: steered pooled values and each row's prompt index (see :mod:`.trainer`)."""
         layout = self.layout(prompts)
         modules = [self.model.get_submodule(Site.parse(s).module) for s in self.sites]
         flats = []
@@ -232,13 +233,15 @@ class CompiledForward:
             _forward(self.model, ids, pos)
             flats.append([getattr(m, _VALUE).float().reshape(ids.numel(), -1) for m in modules])
         per_site = [torch.cat(parts) for parts in zip(*flats)] if len(flats) > 1 else flats[0]
+        owner = torch.tensor(prompts, device=self.device)
         if self.pooling == "tokens":
-            return torch.cat([v.index_select(0, layout.index) for v in per_site], dim=1)
+            z = torch.cat([v.index_select(0, layout.index) for v in per_site], dim=1)
+            return z, owner[layout.segment]
         if self.pooling == "last":
-            return torch.cat([v.index_select(0, layout.last) for v in per_site], dim=1)
+            return torch.cat([v.index_select(0, layout.last) for v in per_site], dim=1), owner
         z = torch.cat([v.index_select(0, layout.index) for v in per_site], dim=1)
         sums = z.new_zeros(len(prompts), z.shape[1]).index_add(0, layout.segment, z)
-        return sums / layout.counts[:, None]
+        return sums / layout.counts[:, None], owner
 
     def layout(self, prompts: list[int]) -> Layout:
         key = tuple(prompts)

@@ -1,0 +1,225 @@
+"""The one LinEAS training loop (SPEC §2, Algorithm 1) with the reference recipe; only the forward varies.
+
+A *training forward* is a context manager with two calls:
+
+* ``bind(omega, shift)``: the flat ``[Σd]`` parameter vectors this step's forward must apply (a fresh
+  autograd graph each step);
+* ``forward(indices) -> (z, owner)``: run the prompts ``indices`` with every current map applied and return
+  the steered, pooled site values ``z [samples, Σd]`` (sites concatenated in ``slices`` order) and, for
+  every row of ``z``, the index of the prompt it came from. Indices ``0..n_source-1`` are source prompts;
+  with ``preserve > 0`` the indices ``n_source..`` are the target prompts.
+
+The eager and compiled LLM forwards live in :mod:`.lineas` and :mod:`.lineas_compile`, the pipeline forward
+in :mod:`lineas_fast.diffusion.lineas`; everything else — mini-batches, loss, optimizer, learning-rate
+schedule, proximal step, stopping rule, progress bar, history — is here, once.
+
+**The loss.** ``W(steered source, target)`` — per column the 1-D Wasserstein-2 distance, optionally divided
+by the target variance, summed over columns (:mod:`lineas_fast.losses`) — plus, with ``preserve = μ > 0``,
+``μ · W(steered target, unsteered target)`` on a mini-batch of the *target* prompts run through the same
+steered model. The first term moves the source onto the target; the second says how far the maps may move
+text that already is like the target (zero at the identity). Among maps that transport equally well it
+prefers those that leave ordinary text alone, which is what perplexity on unrelated text measures.
+
+**The recipe** (Apple's reference LinEAS code): Adam with betas (0.9, 0.9), a cosine decay of the learning
+rate from ``lr`` to ``lr·lr_end`` over ``steps``, a random mini-batch of ``batch_size`` source prompts
+per step, trained to convergence. **Stopping rule**: after every ``window`` steps past the first two
+windows, stop when the mean loss of the last window improved on the window before it by less than ``tol``
+(relative); ``tol=0`` always runs all ``steps``.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import asdict, dataclass
+
+import torch
+from tqdm.auto import tqdm
+
+from ..errors import SteeringError
+from ..losses import column_weights, wasserstein_loss
+from .prox import prox_sparse_group, step_sizes
+
+SCHEDULES = ("cosine", "constant")
+OPTIMIZERS = ("adam", "sgd")
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """Every knob of the training loop (the forward's own options — sites, pooling — live with it)."""
+
+    steps: int
+    lr: float
+    schedule: str = "cosine"
+    lr_end: float = 1e-3
+    betas: tuple = (0.9, 0.9)
+    optimizer: str = "adam"
+    batch_size: int = 20
+    l1: float = 0.0
+    group_l2: float = 0.0
+    normalize: str | None = "var"
+    preserve: float = 0.0
+    tol: float = 0.0
+    window: int = 20
+    seed: int = 0
+    autocast: bool = False
+
+    def validate(self) -> None:
+        """Raise :class:`SteeringError` naming the first bad option (before anything runs)."""
+        def bad(name, why):
+            raise SteeringError(f"{name}={getattr(self, name)!r}: {why}")
+
+        def number(name, ok, why):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) \
+                    or not ok(value):
+                bad(name, why)
+
+        if isinstance(self.steps, bool) or not isinstance(self.steps, int) or self.steps < 0:
+            bad("steps", "expected an integer >= 0")
+        number("lr", lambda v: v > 0, "expected a finite number > 0")
+        if self.schedule not in SCHEDULES:
+            bad("schedule", f"expected one of {SCHEDULES}")
+        number("lr_end", lambda v: 0 < v <= 1, "expected a fraction of lr in (0, 1]")
+        if (not isinstance(self.betas, (tuple, list)) or len(self.betas) != 2
+                or not all(isinstance(b, (int, float)) and 0 <= b < 1 for b in self.betas)):
+            bad("betas", "expected two numbers in [0, 1)")
+        if self.optimizer not in OPTIMIZERS:
+            bad("optimizer", f"expected one of {OPTIMIZERS}")
+        if isinstance(self.batch_size, bool) or not isinstance(self.batch_size, int) or self.batch_size < 2:
+            bad("batch_size", "expected an integer >= 2")
+        number("l1", lambda v: v >= 0, "expected a finite number >= 0")
+        number("group_l2", lambda v: v >= 0, "expected a finite number >= 0")
+        if self.normalize not in (None, "none", "var"):
+            bad("normalize", "expected None or 'var'")
+        number("preserve", lambda v: v >= 0, "expected a finite number >= 0")
+        number("tol", lambda v: v >= 0, "expected a finite number >= 0 (0: no early stop)")
+        if isinstance(self.window, bool) or not isinstance(self.window, int) or self.window < 1:
+            bad("window", "expected an integer >= 1")
+
+    def lr_at(self, step: int) -> float:
+        """Learning rate of step ``step`` (0-based): constant, or cosine from lr to lr·lr_end over ``steps``."""
+        if self.schedule == "constant" or self.steps <= 1:
+            return self.lr
+        end = self.lr * self.lr_end
+        return end + 0.5 * (self.lr - end) * (1 + math.cos(math.pi * step / (self.steps - 1)))
+
+    def hyperparams(self) -> dict:
+        out = asdict(self)
+        out["betas"] = list(self.betas)
+        return out
+
+
+def converged(losses: list[float], window: int, tol: float) -> bool:
+    """The stopping rule: the last ``window`` losses' mean improved on the previous window's mean by less
+    than ``tol`` (relative). Checked only at whole windows, from the end of the second one."""
+    k = len(losses)
+    if tol <= 0 or k < 2 * window or k % window:
+        return False
+    prev = sum(losses[-2 * window:-window]) / window
+    cur = sum(losses[-window:]) / window
+    return (prev - cur) <= tol * abs(prev)
+
+
+@dataclass
+class Targets:
+    """The unsteered target activations: ``v [rows, Σd]`` and, per target prompt, its rows (one row per
+    prompt for mean/last pooling, a block of token rows for token pooling)."""
+
+    v: torch.Tensor
+    rows_of: list[torch.Tensor]
+
+    @classmethod
+    def from_counts(cls, v: torch.Tensor, counts: list[int]) -> "Targets":
+        starts = [0]
+        for c in counts:
+            starts.append(starts[-1] + c)
+        if starts[-1] != v.shape[0]:
+            raise SteeringError(f"target activations have {v.shape[0]} rows for {starts[-1]} pooled samples")
+        idx = torch.arange(v.shape[0], device=v.device)
+        return cls(v, [idx[a:b] for a, b in zip(starts, starts[1:])])
+
+
+def train_maps(forward, *, n_source: int, targets: Targets, slices: dict, recipe: Recipe, device,
+               progress: bool = True, desc: str = "LinEAS") -> tuple[torch.Tensor, torch.Tensor, dict]:
+    """Run the LinEAS loop; returns the trained flat ``(omega, shift)`` and the training history.
+
+    Args:
+        forward: a training forward (see the module docstring), not yet entered.
+        n_source: number of source prompts (the forward's indices ``0..n_source-1``).
+        targets: unsteered target activations (pooled like the forward pools).
+        slices: ``{site: slice}`` of each site's columns in the flat vectors, in ``z``'s column order.
+    """
+    recipe.validate()
+    n_target = len(targets.rows_of)
+    v = targets.v.to(device)
+    v_sorted = torch.sort(v, dim=0).values
+    weights = column_weights(v, recipe.normalize)
+    width = v.shape[1]
+    gen = torch.Generator().manual_seed(recipe.seed)
+    omega = torch.ones(width, device=device, requires_grad=True)
+    shift = torch.zeros(width, device=device, requires_grad=True)
+    if recipe.optimizer == "adam":
+        opt = torch.optim.Adam([omega, shift], lr=recipe.lr, betas=tuple(recipe.betas))
+    else:
+        opt = torch.optim.SGD([omega, shift], lr=recipe.lr)
+    groups = list(slices.values())
+    history = {"loss": [], "transport": [], "preserve": [], "lr": [], "nnz": [], "active_sites": [],
+               "step_seconds": [], "phase_seconds": []}
+
+    def batch(n: int) -> list[int]:
+        return list(range(n)) if recipe.batch_size >= n else \
+            torch.randperm(n, generator=gen)[:recipe.batch_size].tolist()
+
+    bar = tqdm(range(recipe.steps), desc=desc, disable=not progress)
+    with forward:
+        for step in bar:
+            t_step = time.perf_counter()
+            lr = recipe.lr_at(step)
+            for g in opt.param_groups:
+                g["lr"] = lr
+            forward.bind(omega, shift)
+            src = batch(n_source)
+            tgt = batch(n_target) if recipe.preserve > 0 else []
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=recipe.autocast):
+                z, owner = forward(src + [n_source + j for j in tgt])
+            z = z.float()
+            if not torch.isfinite(z).all():
+                bad = next(s for s, sl in slices.items() if not torch.isfinite(z[:, sl]).all())
+                raise SteeringError(f"site {bad!r}: NaN or inf in steered activations during fit "
+                                    f"(lower lr={recipe.lr} or check the model)")
+            t_fwd = time.perf_counter()
+            is_src = owner < n_source
+            transport = wasserstein_loss(z[is_src], v_sorted, weights)
+            loss = transport
+            if tgt:
+                ref = v[torch.cat([targets.rows_of[j] for j in tgt]).to(device)]
+                kept = wasserstein_loss(z[~is_src], torch.sort(ref, dim=0).values, weights)
+                loss = transport + recipe.preserve * kept
+            t_loss = time.perf_counter()
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            t_bwd = time.perf_counter()
+            opt.step()
+            prox_sparse_group(omega.data, shift.data, step_sizes(opt, omega), step_sizes(opt, shift),
+                              recipe.l1, recipe.group_l2, groups)
+            with torch.no_grad():
+                off = (omega != 1).int() + (shift != 0).int()
+                nnz = int(off.sum())
+                active = sum(int(off[sl].any()) for sl in groups)
+            history["loss"].append(loss.item())
+            history["transport"].append(transport.item())
+            history["preserve"].append(kept.item() if tgt else 0.0)
+            history["lr"].append(lr)
+            history["nnz"].append(nnz)
+            history["active_sites"].append(active)
+            t_end = time.perf_counter()
+            history["step_seconds"].append(round(t_end - t_step, 4))
+            history["phase_seconds"].append({"forward": round(t_fwd - t_step, 4), "loss": round(t_loss - t_fwd, 4),
+                                             "backward": round(t_bwd - t_loss, 4), "update": round(t_end - t_bwd, 4)})
+            bar.set_postfix(loss=f"{history['loss'][-1]:.4g}", nnz=nnz, sites=active)
+            if converged(history["loss"], recipe.window, recipe.tol):
+                break
+    history["steps_run"] = len(history["loss"])
+    history["stopped_early"] = history["steps_run"] < recipe.steps
+    return omega.detach(), shift.detach(), history

@@ -1,0 +1,162 @@
+"""The one LinEAS loop (methods/trainer.py): schedule, stopping rule, mini-batches, the preservation term,
+option checks — and that the LLM (eager, compiled) and pipeline fits all run through it."""
+
+import math
+
+import pytest
+import torch
+
+import lineas_fast as lf
+from conftest import SOURCE, TARGET, make_model
+from lineas_fast.methods.trainer import Recipe, Targets, converged, train_maps
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+FAST = dict(steps=12, lr=1e-2, l1=0.0, normalize=None, pooling="mean", progress=False)
+
+
+def fit(model, tok, **kw):
+    return lf.fit(model, tok, SOURCE, TARGET, method="lineas", **{**FAST, **kw})
+
+
+# ---------------------------------------------------------------- schedule
+def test_cosine_decays_from_lr_to_lr_times_lr_end():
+    r = Recipe(steps=101, lr=2e-3, schedule="cosine", lr_end=1e-3)
+    lrs = [r.lr_at(t) for t in range(101)]
+    assert lrs[0] == pytest.approx(2e-3) and lrs[-1] == pytest.approx(2e-6)
+    assert lrs[50] == pytest.approx((2e-3 + 2e-6) / 2)  # half-way down at half the steps
+    assert all(a > b for a, b in zip(lrs, lrs[1:]))
+
+
+def test_constant_schedule_keeps_lr():
+    r = Recipe(steps=10, lr=3e-3, schedule="constant")
+    assert {r.lr_at(t) for t in range(10)} == {3e-3}
+
+
+def test_fit_follows_the_schedule_and_records_it(tok):
+    st = fit(make_model("llama"), tok, steps=9, lr=1e-2, lr_end=0.01)
+    lrs = st.meta["train"]["lr"]
+    assert lrs[0] == pytest.approx(1e-2) and lrs[-1] == pytest.approx(1e-4)
+    assert st.meta["hyperparams"]["schedule"] == "cosine" and st.meta["hyperparams"]["betas"] == [0.9, 0.9]
+
+
+def test_adam_gets_the_betas(tok, monkeypatch):
+    seen = {}
+    real = torch.optim.Adam
+
+    class Spy(real):
+        def __init__(self, params, **kw):
+            seen.update(kw)
+            super().__init__(params, **kw)
+
+    monkeypatch.setattr(torch.optim, "Adam", Spy)
+    fit(make_model("llama"), tok, steps=2, betas=(0.8, 0.95))
+    assert seen["betas"] == (0.8, 0.95)
+
+
+# ---------------------------------------------------------------- stopping rule
+def test_converged_compares_whole_windows():
+    flat = [1.0] * 40
+    assert not converged(flat[:19], 10, 1e-3)      # fewer than two windows
+    assert not converged(flat[:25], 10, 1e-3)      # not at a window boundary
+    assert converged(flat[:20], 10, 1e-3)          # no improvement at all
+    falling = [100.0 - t for t in range(40)]
+    assert not converged(falling, 10, 1e-3)        # still falling by ~10 % a window
+    assert converged(falling, 10, 0.5)             # ... which a loose tolerance accepts
+    assert not converged(flat, 10, 0.0)            # tol = 0: never stops early
+
+
+def test_the_stopping_rule_stops_a_fit(tok):
+    st = fit(make_model("llama"), tok, steps=200, lr=1e-2, tol=0.05, window=10)
+    train = st.meta["train"]
+    assert train["stopped_early"] and train["steps_run"] < 200 and train["steps_run"] % 10 == 0
+    assert len(train["loss"]) == train["steps_run"]
+    assert converged(train["loss"], 10, 0.05)
+    full = fit(make_model("llama"), tok, steps=25, tol=0.0, window=10)
+    assert full.meta["train"]["steps_run"] == 25 and not full.meta["train"]["stopped_early"]
+
+
+# ---------------------------------------------------------------- mini-batches
+def test_random_mini_batches_depend_on_the_seed(tok):
+    a = fit(make_model("llama"), tok, steps=4, batch_size=3, seed=0)
+    b = fit(make_model("llama"), tok, steps=4, batch_size=3, seed=0)
+    c = fit(make_model("llama"), tok, steps=4, batch_size=3, seed=1)
+    assert a.meta["train"]["loss"] == b.meta["train"]["loss"]
+    assert a.meta["train"]["loss"] != c.meta["train"]["loss"]
+
+
+class _Recorder:
+    """A fake training forward: z = ω·x + b on fixed per-prompt rows; remembers the batches it saw."""
+
+    def __init__(self, x):
+        self.x, self.calls, self.entered = x, [], 0
+
+    def __enter__(self):
+        self.entered += 1
+        return self
+
+    def __exit__(self, *exc):
+        return None
+
+    def bind(self, omega, shift):
+        self.omega, self.shift = omega, shift
+
+    def __call__(self, idx):
+        self.calls.append(list(idx))
+        return self.x[idx] * self.omega + self.shift, torch.tensor(idx)
+
+
+def test_train_maps_batches_and_preserve_rows():
+    torch.manual_seed(0)
+    x = torch.randn(10, 3)  # 6 source prompts, then 4 target prompts
+    v = x[6:] + 0.5
+    fwd = _Recorder(x)
+    recipe = Recipe(steps=5, lr=1e-2, batch_size=4, preserve=1.0, normalize=None)
+    omega, shift, hist = train_maps(fwd, n_source=6, targets=Targets.from_counts(v, [1] * 4),
+                                    slices={"a": slice(0, 3)}, recipe=recipe, device=torch.device("cpu"),
+                                    progress=False)
+    assert fwd.entered == 1 and len(fwd.calls) == 5
+    for call in fwd.calls:
+        src, tgt = [i for i in call if i < 6], [i for i in call if i >= 6]
+        assert len(src) == 4 and len(set(src)) == 4 and len(tgt) == 4
+    assert all(p >= 0 for p in hist["preserve"]) and hist["steps_run"] == 5
+
+
+# ---------------------------------------------------------------- preservation term
+def test_preserve_moves_target_text_less(tok):
+    """The preservation term trades transport for keeping the target prompts' activations in place."""
+    model = make_model("llama")
+    free = fit(model, tok, steps=30, preserve=0.0)
+    kept = fit(model, tok, steps=30, preserve=10.0)
+    sites = free.sites
+    before = lf.collect(model, tok, TARGET, sites)
+
+    def moved(st):
+        with lf.steered(model, st, mode="hooks"):
+            after = lf.collect(model, tok, TARGET, sites)
+        return sum(float((after[s] - before[s]).pow(2).sum()) for s in sites)
+
+    assert moved(kept) < 0.5 * moved(free)
+    assert kept.meta["train"]["preserve"][-1] > 0 and free.meta["train"]["preserve"] == [0.0] * 30
+    assert kept.meta["train"]["loss"][0] == pytest.approx(kept.meta["train"]["transport"][0])  # 0 at identity
+
+
+def test_preserve_under_compile_matches_eager(tok):
+    model = make_model("llama")
+    eager = fit(model, tok, steps=4, preserve=1.0, pooling="tokens")
+    compiled = fit(model, tok, steps=4, preserve=1.0, pooling="tokens", compile="aot_eager")
+    for a, b in zip(eager.meta["train"]["loss"], compiled.meta["train"]["loss"]):
+        assert a == pytest.approx(b, rel=1e-4)
+
+
+# ---------------------------------------------------------------- option checks
+@pytest.mark.parametrize("kw, name", [
+    (dict(schedule="linear"), "schedule"), (dict(lr_end=0.0), "lr_end"), (dict(lr_end=2.0), "lr_end"),
+    (dict(betas=(0.9,)), "betas"), (dict(betas=(0.9, 1.0)), "betas"), (dict(preserve=-1.0), "preserve"),
+    (dict(preserve=math.nan), "preserve"), (dict(tol=-0.1), "tol"), (dict(window=0), "window"),
+    (dict(lr=math.inf), "lr"), (dict(batch_size=1), "batch_size"), (dict(steps=2.5), "steps"),
+])
+def test_bad_recipe_options_are_named_before_anything_runs(tok, kw, name):
+    model = make_model("llama")
+    with pytest.raises(lf.SteeringError, match=name):
+        fit(model, tok, **kw)
