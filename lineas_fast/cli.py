@@ -15,11 +15,8 @@ import time
 from contextlib import contextmanager
 from pathlib import Path
 
+from .demo import DEFAULT_MODEL, QUICK  # the demo's model and --quick settings (shown in --help)
 from .errors import SteeringError
-
-DEFAULT_MODEL = "smollm2-135m"
-QUICK = {"steps": 3, "prompts": 8, "passages": 3}  # `demo --quick`: the smoke test's settings
-TARGET = {"cut": 3.0, "ppl_change": 0.10, "degenerate_rate": 0.05}  # the default task's quality bar (README)
 
 
 def _say(msg: str = "") -> None:
@@ -106,116 +103,13 @@ def _steering_cells(st) -> dict:
             "total_sites": len(st.sites)}
 
 
-def _target_check(row: dict) -> dict:
-    """The default task's quality bar (toxicity cut, PPL cost, degenerate rate), as booleans and ``met``."""
-    ci = row.get("toxic_diff_ci") or (0.0, 0.0, 0.0)
-    checks = {
-        f"cut >= {TARGET['cut']:g}x": row.get("cut", 0.0) >= TARGET["cut"],
-        "toxic-rate CI excludes 0": ci[2] < 0,
-        f"PPL change <= +{100 * TARGET['ppl_change']:g}%": row.get("ppl_change", 1.0) <= TARGET["ppl_change"],
-        f"degenerate <= {100 * TARGET['degenerate_rate']:g}%": row["degenerate_rate"] <= TARGET["degenerate_rate"],
-    }
-    return {"checks": checks, "met": all(checks.values())}
-
-
 # ------------------------------------------------------------------ demo
 
 
 def cmd_demo(args) -> int:
-    import lineas_fast as lf
+    from .demo import run_demo
 
-    from . import report
-    from .data import load_texts, wiki_passages
-    from .evaluate import evaluate_steering, summary_row
-    from .methods import LINEAS_DEFAULTS
-
-    t_start = time.perf_counter()
-    steps = args.steps if args.steps is not None else (QUICK["steps"] if args.quick else None)
-    n_prompts = args.prompts if args.prompts is not None else (QUICK["prompts"] if args.quick else 300)
-    _positive("--prompts", n_prompts)
-    if steps is not None and steps < 1:
-        raise SteeringError(f"--steps={steps}: must be at least 1")
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-
-    # Data first: a missing data package fails before the model is loaded.
-    src, tgt = load_texts("toxic", "fit"), load_texts("wiki", "fit")
-    eval_prompts = load_texts("toxic", "eval")
-    if n_prompts > len(eval_prompts):
-        raise SteeringError(f"--prompts={n_prompts}: the eval slice has {len(eval_prompts)} prompts")
-    prompts = eval_prompts[:n_prompts]
-    model, tok = _load_model(DEFAULT_MODEL)
-    t_loaded = time.perf_counter()
-    passages = wiki_passages(tok, "eval")
-    if args.quick:
-        passages = passages[:QUICK["passages"]]
-
-    fit_kwargs = {"steps": steps} if steps is not None else {}
-    shown = {**LINEAS_DEFAULTS, **fit_kwargs}
-    _say(f"\nfitting LinEAS (library defaults{'' if not fit_kwargs else ', steps=' + str(steps)}): "
-         f"{len(src)} toxic prompts (rows 0–31) → {len(tgt)} WikiText lines (0–31)")
-    _say("  " + ", ".join(f"{k}={v}" for k, v in shown.items()))
-    t0 = time.perf_counter()
-    st = lf.fit(model, tok, src, tgt, **fit_kwargs)
-    fit_wall = _secs(t0)
-    cells = _steering_cells(st)
-    _say(f"  fit: {fit_wall:.1f} s, nnz {cells['nnz']:,} of {2 * sum(st.meta['widths'].values()):,}, "
-         f"{cells['active_sites']}/{cells['total_sites']} sites active")
-    st.save(out / "detox.safetensors")
-    report.loss_curve_png(st.meta.get("train", {}), out / "loss_curve.png",
-                          title=f"LinEAS on {DEFAULT_MODEL}: {len(src)} toxic → {len(tgt)} wiki, "
-                                f"{len(st.sites)} sites")
-
-    _say(f"\nevaluating by the protocol (README: Evaluation protocol): {len(prompts)} held-out toxic prompts (rows 100–"
-         f"{99 + len(prompts)}), greedy 20-token continuations; {len(passages)} WikiText passages")
-    t0 = time.perf_counter()
-    res = evaluate_steering(model, tok, st, strengths=(1.0,), prompts=prompts, passages=passages, progress=True)
-    eval_wall = _secs(t0)
-    base, steered = res["unsteered"], res[1.0]
-    rows = [summary_row("unsteered", base),
-            report.fix_cut({**summary_row("LinEAS (λ=1)", steered, base), **cells, "fit_seconds": fit_wall})]
-    exs = report.examples(prompts, base, steered, k=3)
-    target = _target_check(rows[1])
-
-    text_table = report.format_table(rows)
-    _say("\n" + text_table)
-    _say(report.TABLE_NOTE if not args.quick else "(--quick: a few steps and prompts — a smoke run, not a result)")
-    if not args.quick:
-        failed = [k for k, ok in target["checks"].items() if not ok]
-        _say(f"quality bar ({'; '.join(target['checks'])}): "
-             + ("met" if not failed else "NOT met: " + "; ".join(failed)))
-    _say("\nexample continuations (prompts whose unsteered continuation is toxic first, then the first prompts):")
-    _say(report.format_examples(exs, width=max(60, min(120, shutil.get_terminal_size((100, 20)).columns)),
-                                label="LinEAS"))
-
-    total = _secs(t_start)
-    timings = {"load_model": t_loaded - t_start, "fit": fit_wall, "evaluate": eval_wall, "total": total}
-    results = {
-        "library_version": lf.__version__, "quick": bool(args.quick), "model": DEFAULT_MODEL,
-        "fit": {"method": "lineas", "source": "toxic rows 0–31", "target": "wiki lines 0–31",
-                "hyperparams": st.meta.get("hyperparams"), "train": st.meta.get("train"), **cells,
-                "wall_seconds": fit_wall},
-        "eval": {"prompts": len(prompts), "prompt_rows": [100, 100 + len(prompts) - 1],
-                 "passages": len(passages), "max_new_tokens": 20, "strength": 1.0},
-        "rows": rows, "target": target, "examples": exs, "prompts": prompts,
-        "results": {"unsteered": report.compact_result(base), "lineas": report.compact_result(steered)},
-        "timings": timings,
-    }
-    report.save_json(results, out / "results.json")
-    md = [f"# lineas-fast demo: LinEAS detoxification of {DEFAULT_MODEL}", "",
-          f"Fit: {len(src)} toxic prompts (rows 0–31) → {len(tgt)} WikiText lines (0–31), library defaults "
-          f"({', '.join(f'{k}={v}' for k, v in shown.items())}). Eval: {len(prompts)} held-out toxic prompts, "
-          f"{len(passages)} WikiText passages." + (" **--quick smoke run.**" if args.quick else ""), "",
-          report.format_table(rows, "markdown"), "", report.TABLE_NOTE, "", "## Example continuations", ""]
-    for e in exs:
-        md += [f"* prompt: {e['prompt']!r}", f"  * unsteered ({e['unsteered_tox']:.2f}): {e['unsteered']!r}",
-               f"  * LinEAS ({e['steered_tox']:.2f}): {e['steered']!r}"]
-    md += ["", "Timings: " + ", ".join(f"{k} {v:.1f} s" for k, v in timings.items()), ""]
-    (out / "table.md").write_text("\n".join(md), encoding="utf-8")
-
-    _say(f"\nsaved {out / 'detox.safetensors'}, {out / 'loss_curve.png'}, {out / 'results.json'}, {out / 'table.md'}")
-    _say(f"timings: load {timings['load_model']:.1f} s, fit {fit_wall:.1f} s, evaluate {eval_wall:.1f} s; "
-         f"total wall time {total:.1f} s")
+    run_demo(args.out, prompts=args.prompts, steps=args.steps, quick=args.quick, say=_say, load_model=_load_model)
     return 0
 
 
@@ -238,6 +132,8 @@ def cmd_fit(args) -> int:
         accepted, pipe_opts = None, {}
     given = {"sites": _sites_arg(args.sites), "pooling": args.pooling, "steps": args.steps, "lr": args.lr,
              "l1": args.l1, "group_l2": args.group_l2, "seed": args.seed, "normalize": args.normalize,
+             "schedule": args.schedule, "lr_end": args.lr_end, "preserve": args.preserve, "tol": args.tol,
+             "window": args.window,
              "optimizer": args.optimizer, "batch_size": args.batch_size, "max_length": args.max_length,
              "support": args.support, "incremental": args.incremental or None, "multiplier": args.multiplier,
              "autocast": args.autocast or None, "compile": args.compile or None}
@@ -620,10 +516,11 @@ def build_parser() -> argparse.ArgumentParser:
         "demo", parents=[common], formatter_class=fmt,
         help="fit LinEAS on the embedded model and compare it with the unsteered model",
         description=f"Load {DEFAULT_MODEL}, fit LinEAS with the library defaults on the fit slices (toxic rows "
-                    "0–31 → WikiText lines 0–31), evaluate unsteered vs steered (strength 1) by the protocol on "
-                    "held-out toxic prompts (rows 100–399) and WikiText passages (lines 100–599), print a table "
-                    "and example continuations, and save detox.safetensors, loss_curve.png, results.json and "
-                    "table.md to --out.")
+                    "0–31 → nontoxic rows 0–31) and Mean-AcT and Linear-AcT on the same data, evaluate them by "
+                    "the protocol on held-out toxic prompts (rows 100–399) and WikiText passages (lines "
+                    "100–599) — each over λ ∈ {0.25, 0.5, 0.75, 1}, the baselines also at the strength whose "
+                    "PPL matches LinEAS's at λ = 1 — print the table and example continuations, and save "
+                    "detox.safetensors, loss_curve.png, tradeoff.png, results.json and table.md to --out.")
     d.add_argument("--out", default="./demo_out", metavar="DIR", help="output folder")
     d.add_argument("--prompts", type=int, default=None, metavar="N",
                    help=f"held-out toxic prompts to evaluate (default 300, the whole eval slice; "
@@ -640,11 +537,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="fit a steering and save it as a .safetensors file",
                        description="Fit a steering from unpaired source → target prompt sets and save it. "
                                    "Options left out use the method's library defaults (shown for LinEAS).")
-    f.add_argument("--source", required=True, metavar="toxic|PATH",
-                   help="source prompts: 'toxic' (built-in fit slice, rows 0–31), a .jsonl file (field 'text') "
-                        "or a text file (one prompt per line)")
-    f.add_argument("--target", required=True, metavar="wiki|PATH",
-                   help="target prompts: 'wiki' (built-in fit slice, lines 0–31) or a file, as --source")
+    f.add_argument("--source", default="toxic", metavar="toxic|PATH",
+                   help="source prompts: a built-in set ('toxic', 'nontoxic', 'wiki': its fit slice, 32 rows), a "
+                        ".jsonl file (field 'text') or a text file (one prompt per line) [default: toxic]")
+    f.add_argument("--target", default="nontoxic", metavar="nontoxic|PATH",
+                   help="target prompts, as --source [default: nontoxic — non-toxic sentence beginnings in the "
+                        "toxic prompts' register, see docs/tuning.md]")
     f.add_argument("--out", required=True, metavar="FILE", help="steering file to write (.safetensors)")
     f.add_argument("--model", default=DEFAULT_MODEL, help="embedded model name or a local HF checkpoint folder")
     f.add_argument("--method", default="lineas", choices=list(METHODS),
@@ -656,6 +554,19 @@ def build_parser() -> argparse.ArgumentParser:
                    help=f"how site activations are pooled per prompt [default: {D['pooling']}]")
     f.add_argument("--steps", type=int, default=None, metavar="S", help=f"LinEAS steps [default: {D['steps']}]")
     f.add_argument("--lr", type=float, default=None, metavar="RATE", help=f"LinEAS learning rate [default: {D['lr']}]")
+    f.add_argument("--schedule", default=None, choices=["cosine", "constant"],
+                   help=f"LinEAS learning-rate schedule: cosine decay to lr·lr-end over --steps [default: "
+                        f"{D['schedule']}]")
+    f.add_argument("--lr-end", type=float, default=None, metavar="F",
+                   help=f"LinEAS: the cosine ends at lr·F [default: {D['lr_end']}]")
+    f.add_argument("--preserve", type=float, default=None, metavar="μ",
+                   help=f"LinEAS: weight of the term that keeps the target prompts' activations in place (0: "
+                        f"off) [default: {D['preserve']}]")
+    f.add_argument("--tol", type=float, default=None, metavar="T",
+                   help=f"LinEAS stopping rule: stop when a window's mean loss improves by less than T "
+                        f"(relative; 0: run every step) [default: {D['tol']}]")
+    f.add_argument("--window", type=int, default=None, metavar="W",
+                   help=f"LinEAS stopping rule: steps per window [default: {D['window']}]")
     f.add_argument("--l1", type=float, default=None, metavar="λ1",
                    help=f"sparse-group-lasso l1 (neurons) [default: {D['l1']}]")
     f.add_argument("--group-l2", type=float, default=None, metavar="λG",
@@ -730,8 +641,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="--methods: extra strengths for one method, e.g. linear_act=0.05,0.1 (repeatable)")
     e.add_argument("--source", default="toxic", metavar="toxic|PATH",
                    help="--methods: source prompts to fit on (default: the toxic fit slice)")
-    e.add_argument("--target", default="wiki", metavar="wiki|PATH",
-                   help="--methods: target prompts to fit on (default: the WikiText fit slice)")
+    e.add_argument("--target", default="nontoxic", metavar="nontoxic|PATH",
+                   help="--methods: target prompts to fit on (default: the nontoxic fit slice)")
     e.add_argument("--prompts", type=int, default=None, metavar="N",
                    help="use the first N prompts of the eval slice (default: all 300)")
     e.add_argument("--passages", type=int, default=None, metavar="N",

@@ -218,6 +218,55 @@ def tradeoff_png(rows: Sequence[dict], path: str | os.PathLike, title: str = "to
     return path
 
 
+def tradeoff_ci_png(res: dict, path: str | os.PathLike, title: str = "toxic rate vs passage PPL") -> Path:
+    """Trade-off curves of :func:`lineas_fast.evaluate.matched.side_by_side`: toxic rate (with its paired-
+    bootstrap 95% CI as an error bar) against passage PPL for each method over its strength grid, starting at
+    the unsteered point; the matched-PPL baseline points as stars; the +10 % PPL budget as a dotted line.
+    Left: the usable region (PPL up to 1.6× unsteered); right: every point, log PPL."""
+    from matplotlib.figure import Figure
+
+    base = res["unsteered"]
+    fig = Figure(figsize=(12, 5), dpi=120, layout="constrained")
+    zoom, full = fig.subplots(1, 2, width_ratios=[1.5, 1])
+    colors = {"LinEAS": "tab:red", "Mean-AcT": "tab:green", "Linear-AcT": "tab:blue"}
+    for ax, zoomed in ((zoom, True), (full, False)):
+        ax.scatter([base["ppl"]], [base["toxic_rate"]], color="black", zorder=5, label="unsteered")
+        for i, (label, pts) in enumerate(res["curves"].items()):
+            color = colors.get(label, f"C{i}")
+            pts = [base] + sorted(pts, key=lambda p: p["strength"])
+            x = [p["ppl"] for p in pts]
+            y = [p["toxic_rate"] for p in pts]
+            err = [[max(0.0, -(p.get("toxic_diff_ci") or (0, 0, 0))[1] + (p.get("toxic_diff_ci") or (0, 0, 0))[0])
+                    for p in pts],
+                   [max(0.0, (p.get("toxic_diff_ci") or (0, 0, 0))[2] - (p.get("toxic_diff_ci") or (0, 0, 0))[0])
+                    for p in pts]]
+            ax.errorbar(x, y, yerr=err, marker="o", color=color, label=label, linewidth=1.2, markersize=4,
+                        capsize=2, elinewidth=0.8)
+            for p in pts[1:]:
+                if not zoomed or p["ppl"] <= 1.6 * base["ppl"]:
+                    ax.annotate(f"{p['strength']:g}", (p["ppl"], p["toxic_rate"]), textcoords="offset points",
+                                xytext=(4, 3), fontsize=7, color=color)
+            m = res.get("matched", {}).get(label)
+            if m is not None:
+                ax.scatter([m["ppl"]], [m["toxic_rate"]], marker="*", s=140, color=color, edgecolor="black",
+                           zorder=6, label=f"{label} at LinEAS's PPL (λ={m['strength']:.2g})")
+        ax.axvline(base["ppl"] * 1.1, color="gray", linestyle=":", linewidth=1, label="+10% PPL")
+        ax.grid(alpha=0.3, which="both")
+        ax.set_ylabel("toxic rate (lower is better)")
+        ax.set_ylim(bottom=-0.005)  # a rate is never below 0 (a CI bar of a few prompts can reach there)
+    zoom.set_xlim(base["ppl"] * 0.95, base["ppl"] * 1.6)
+    zoom.set_xlabel("WikiText passage perplexity (lower is better)")
+    zoom.set_title(f"{title}\nusable region; labels: strength λ; bars: 95% CI", fontsize=9)
+    zoom.legend(fontsize=7)
+    full.set_xscale("log")
+    full.set_xlabel("passage perplexity (log scale)")
+    full.set_title("all points", fontsize=9)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path)
+    return path
+
+
 # ------------------------------------------------------------------ JSON
 
 

@@ -112,7 +112,7 @@ def compare(methods=DEFAULT_METHODS, strengths=STRENGTHS, *, model=None, tok=Non
         methods: method names (see :func:`lineas_fast.fit`) or ``(label, method, kwargs)`` tuples.
         strengths: strengths to evaluate (0 = the shared unsteered row).
         model, tok: default: the embedded SmolLM2 (:func:`lineas_fast.load_model`).
-        source, target: fit prompts; default: the built-in toxic / wiki fit slices (32 each).
+        source, target: fit prompts; default: the built-in toxic / nontoxic fit slices (32 each).
         prompts, passages: held-out toxic prompts and WikiText passages; default: the eval slices.
         fit_kwargs: ``{method: {option: value}}`` passed to that method's fit.
         multipliers: ActAdd multipliers evaluated at strength 1 (besides its strength sweep).
@@ -141,7 +141,7 @@ def compare(methods=DEFAULT_METHODS, strengths=STRENGTHS, *, model=None, tok=Non
     if model is None or tok is None:
         model, tok = load_model("smollm2-135m")
     source = data.load_texts("toxic", "fit") if source is None else data.check_texts(source, "source")
-    target = data.load_texts("wiki", "fit") if target is None else data.check_texts(target, "target")
+    target = data.load_texts("nontoxic", "fit") if target is None else data.check_texts(target, "target")
     prompts = data.load_texts("toxic", "eval") if prompts is None else data.check_texts(prompts, "prompts")
     passages = data.wiki_passages(tok, "eval") if passages is None else data.check_texts(passages, "passages")
     settings = {"model": getattr(model.config, "name_or_path", "") or type(model).__name__,
