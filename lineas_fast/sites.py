@@ -144,7 +144,8 @@ def _preset_relative(model: nn.Module, preset: str) -> tuple[str, ...]:
 
 
 def resolve_sites(model: nn.Module, sites) -> list[str]:
-    """Turn a preset, regex, site string or list of them into site strings, in model order.
+    """Turn a preset (or presets joined by ``+``), regex, site string or list of them into site strings, in
+    model order.
 
     Raises :class:`SteeringError` naming the site when a module does not exist or nothing matches.
     A diffusers pipeline's view (:mod:`lineas_fast.diffusion`) resolves its own presets.
@@ -154,9 +155,9 @@ def resolve_sites(model: nn.Module, sites) -> list[str]:
     model = as_model(model)
     if getattr(model, "is_pipeline_view", False):
         return model.resolve(sites)
-    if isinstance(sites, str) and sites in PRESETS:
-        prefix, blocks = decoder_blocks(model)
-        rel = _preset_relative(model, sites)
+    if isinstance(sites, str) and sites and all(p in PRESETS for p in sites.split("+")):
+        prefix, blocks = decoder_blocks(model)  # a preset, or several joined by "+" (e.g. attn_out+mlp_out)
+        rel = [r for p in sites.split("+") for r in _preset_relative(model, p)]
         out = [f"{prefix}.{i}.{r}" for i in range(len(blocks)) for r in rel]
     else:
         out = match_names(model, sites, PRESETS)

@@ -89,6 +89,16 @@ def test_block_presets(arch_model, preset):
         assert all(s.endswith(":0") for s in sites)
 
 
+def test_presets_joined_by_plus(arch_model):
+    """"attn_out+mlp_out" (the residual-stream writers) is the union of both presets, in model order."""
+    arch, model = arch_model
+    both = lf.resolve_sites(model, "attn_out+mlp_out")
+    assert sorted(both) == sorted(lf.resolve_sites(model, "attn_out") + lf.resolve_sites(model, "mlp_out"))
+    assert [int(s.split(".")[2]) for s in both] == sorted(int(s.split(".")[2]) for s in both)
+    with pytest.raises(lf.SteeringError, match="attn_out\\+bogus"):
+        lf.resolve_sites(model, "attn_out+bogus")
+
+
 def test_regex_and_list(arch_model):
     arch, model = arch_model
     norms = expected_norms(arch)
