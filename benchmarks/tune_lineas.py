@@ -73,13 +73,13 @@ def main() -> None:
 
 def render(path: str) -> str:
     """Markdown table of a results JSONL, one row per (settings, strength)."""
-    lines = ["| method | settings | λ | toxic rate | cut | Δtoxic 95% CI | degenerate | passage PPL | ΔPPL | nnz | fit s |",
-             "|---|---|---|---|---|---|---|---|---|---|---|"]
+    lines = ["| target | method | settings | λ | toxic rate | cut | Δtoxic 95% CI | degenerate | passage PPL | ΔPPL | nnz "
+             "| fit s | s/step |", "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for line in open(path):
         r = json.loads(line)
         if r["config"] == "unsteered":
-            lines.append(f"| unsteered | – | 0 | {r['toxic_rate']:.3f} | – | – | {r['degenerate_rate']:.3f} | "
-                         f"{r['ppl']:.1f} | – | 0 | – |")
+            lines.append(f"| – | unsteered | – | 0 | {r['toxic_rate']:.3f} | – | – | {r['degenerate_rate']:.3f} | "
+                         f"{r['ppl']:.1f} | – | 0 | – | – |")
             continue
         cfg = dict(r["config"])
         method = cfg.pop("method", "lineas")
@@ -88,8 +88,10 @@ def render(path: str) -> str:
         dppl = f"{100 * r['ppl_change']:+.0f}%" if r["ppl_change"] < 100 else "diverged"
         cut = f"{r['cut']:.2f}×" if r["cut"] < 100 else "∞"
         lo, hi = r["toxic_diff_ci"]
-        lines.append(f"| {method} | {settings} | {r['strength']:g} | {r['toxic_rate']:.3f} | {cut} | "
-                     f"[{lo:+.3f}, {hi:+.3f}] | {r['degenerate_rate']:.3f} | {ppl} | {dppl} | {r['nnz']} | {r['fit_s']} |")
+        step = r.get("step_s")
+        lines.append(f"| {r.get('target', 'wiki')} | {method} | {settings} | {r['strength']:g} | {r['toxic_rate']:.3f} | "
+                     f"{cut} | [{lo:+.3f}, {hi:+.3f}] | {r['degenerate_rate']:.3f} | {ppl} | {dppl} | {r['nnz']} | "
+                     f"{r['fit_s']} | {'–' if step is None else step} |")
     return "\n".join(lines)
 
 

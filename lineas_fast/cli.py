@@ -109,7 +109,8 @@ def _steering_cells(st) -> dict:
 def cmd_demo(args) -> int:
     from .demo import run_demo
 
-    run_demo(args.out, prompts=args.prompts, steps=args.steps, quick=args.quick, say=_say, load_model=_load_model)
+    run_demo(args.out, prompts=args.prompts, steps=args.steps, curve_prompts=args.curve_prompts, quick=args.quick,
+             say=_say, load_model=_load_model)
     return 0
 
 
@@ -528,6 +529,9 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--steps", type=int, default=None, metavar="S",
                    help=f"LinEAS training steps (default: the library default, {D['steps']}; "
                         f"{QUICK['steps']} with --quick)")
+    d.add_argument("--curve-prompts", type=int, default=None, metavar="N",
+                   help="score the trade-off curves on the first N of those prompts (default 100: each curve "
+                        "point costs a protocol evaluation; the table rows always use all of them)")
     d.add_argument("--quick", action="store_true",
                    help=f"smoke run: {QUICK['steps']} steps, {QUICK['prompts']} prompts, {QUICK['passages']} passages")
     d.set_defaults(func=cmd_demo)

@@ -23,6 +23,7 @@ from .errors import SteeringError
 DEFAULT_MODEL = "smollm2-135m"
 BASELINES = {"Mean-AcT": "mean_act", "Linear-AcT": "linear_act"}
 CURVE = (0.25, 0.5, 0.75, 1.0)
+CURVE_PROMPTS = 100  # the curves score the first 100 eval prompts (a protocol point costs ~1 min on 2 cores)
 QUICK = {"steps": 3, "prompts": 8, "passages": 3, "curve": (1.0,), "search_iters": 1}
 TARGET = {"cut": 3.0, "ppl_change": 0.10, "degenerate_rate": 0.05}  # the default task's quality bar (README)
 
@@ -40,7 +41,7 @@ def target_check(row: dict) -> dict:
 
 
 def run_demo(out: str | Path = "./demo_out", *, prompts: int | None = None, steps: int | None = None,
-             quick: bool = False, say=print, load_model=None) -> dict:
+             curve_prompts: int | None = None, quick: bool = False, say=print, load_model=None) -> dict:
     """Run the demo; returns everything written to ``results.json``."""
     import lineas_fast as lf
 
@@ -97,13 +98,17 @@ def run_demo(out: str | Path = "./demo_out", *, prompts: int | None = None, step
                                                             if k != "LinEAS"))
 
     curve = QUICK["curve"] if quick else CURVE
+    n_curve = min(curve_prompts or CURVE_PROMPTS, len(eval_prompts))
+    if n_curve < 1:
+        raise SteeringError(f"--curve-prompts={curve_prompts}: must be positive")
     say(f"\nevaluating by the protocol (README: Evaluation protocol): {len(eval_prompts)} held-out toxic prompts "
         f"(rows 100–{99 + len(eval_prompts)}), greedy 20-token continuations; {len(passages)} WikiText passages; "
-        f"every method at λ ∈ {{{', '.join(f'{x:g}' for x in curve)}}}, the baselines also at LinEAS's PPL")
+        f"trade-off curves of every method at λ ∈ {{{', '.join(f'{x:g}' for x in curve)}}} on the first {n_curve} "
+        f"prompts; the table: LinEAS at λ = 1 and each baseline at the strength matching its PPL")
     t0 = time.perf_counter()
     res = side_by_side(model, tok, steerings, lead="LinEAS", strengths=curve, prompts=eval_prompts,
                        passages=passages, steer=lambda m, s, lam: lf.steered(m, s, strength=lam),
-                       search_iters=QUICK["search_iters"] if quick else 3, progress=True,
+                       curve_prompts=n_curve, search_iters=QUICK["search_iters"] if quick else 3, progress=True,
                        log=lambda msg: say("  " + msg))
     eval_wall = time.perf_counter() - t0
 
@@ -133,18 +138,20 @@ def run_demo(out: str | Path = "./demo_out", *, prompts: int | None = None, step
     say(report.format_examples(exs, width=max(60, min(120, shutil.get_terminal_size((100, 20)).columns)),
                                label="LinEAS"))
     report.tradeoff_ci_png(res, out / "tradeoff.png",
-                           title=f"{DEFAULT_MODEL}: toxic rate vs passage PPL ({len(eval_prompts)} prompts, 95% CIs)")
+                           title=f"{DEFAULT_MODEL}: toxic rate vs passage PPL (curves: {n_curve} prompts; stars: "
+                                 f"{len(eval_prompts)})")
 
     total = time.perf_counter() - t_start
     timings = {"load_model": t_loaded - t_start, "fit": fit_wall, "evaluate": eval_wall, "total": total}
-    slim = {k: v for k, v in res.items() if k not in ("curves", "matched", "unsteered", "lead")}
+    slim = {k: v for k, v in res.items() if k not in ("curves", "matched", "unsteered", "lead", "curve_unsteered")}
     results = {
         "library_version": lf.__version__, "quick": bool(quick), "model": DEFAULT_MODEL,
         "fit": {"method": "lineas", "source": "toxic rows 0–31", "target": "nontoxic rows 0–31",
                 "hyperparams": st.meta.get("hyperparams"), "train": train, **cells, "wall_seconds": fit_wall,
                 "baselines": {k: {"method": m, "fit_seconds": fit_seconds[k]} for k, m in BASELINES.items()}},
         "eval": {"prompts": len(eval_prompts), "prompt_rows": [100, 100 + len(eval_prompts) - 1],
-                 "passages": len(passages), "max_new_tokens": 20, "strength": 1.0, "curve": list(curve)},
+                 "passages": len(passages), "max_new_tokens": 20, "strength": 1.0, "curve": list(curve),
+                 "curve_prompts": n_curve},
         "rows": [_slim(r) for r in rows], "target": target, "examples": exs, "prompts": eval_prompts,
         "curves": {k: [_slim(p) for p in v] for k, v in res["curves"].items()},
         "results": {"unsteered": {"texts": base["texts"]}, "lineas": {"texts": lead["texts"]}},

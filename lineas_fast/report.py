@@ -225,7 +225,7 @@ def tradeoff_ci_png(res: dict, path: str | os.PathLike, title: str = "toxic rate
     Left: the usable region (PPL up to 1.6× unsteered); right: every point, log PPL."""
     from matplotlib.figure import Figure
 
-    base = res["unsteered"]
+    base = res.get("curve_unsteered", res["unsteered"])
     fig = Figure(figsize=(12, 5), dpi=120, layout="constrained")
     zoom, full = fig.subplots(1, 2, width_ratios=[1.5, 1])
     colors = {"LinEAS": "tab:red", "Mean-AcT": "tab:green", "Linear-AcT": "tab:blue"}
@@ -261,6 +261,41 @@ def tradeoff_ci_png(res: dict, path: str | os.PathLike, title: str = "toxic rate
     full.set_xscale("log")
     full.set_xlabel("passage perplexity (log scale)")
     full.set_title("all points", fontsize=9)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path)
+    return path
+
+
+def site_support_png(steering, path: str | os.PathLike, title: str = "which sites the fit kept") -> Path:
+    """Per layer, the share of each site kind's (ω, b) entries off identity — one line per kind (e.g.
+    ``input_layernorm``, ``post_attention_layernorm``), x = block index — so a sparse fit shows at a glance
+    which layers and sites survive; the legend counts the active sites of each kind."""
+    import re
+
+    from matplotlib.figure import Figure
+
+    kinds: dict[str, list[tuple[int, float]]] = {}
+    for i, site in enumerate(steering.sites):
+        m = re.search(r"\.(\d+)\.(.+)$", site)
+        layer, kind = (int(m.group(1)), m.group(2)) if m else (i, site)
+        d = steering.scale[site].numel()
+        kinds.setdefault(kind, []).append((layer, steering.nnz(site) / (2 * d)))
+    fig = Figure(figsize=(8, 3.8), dpi=120, layout="constrained")
+    ax = fig.subplots()
+    for k, (kind, pts) in enumerate(kinds.items()):
+        pts.sort()
+        active = sum(1 for _, f in pts if f > 0)
+        ax.plot([p[0] for p in pts], [100 * p[1] for p in pts], marker="o", markersize=3, color=f"C{k}",
+                label=f"{kind} ({active}/{len(pts)} active)")
+    total = sum(2 * steering.scale[s].numel() for s in steering.sites)
+    ax.set_xlabel("block (layer) index")
+    ax.set_ylabel("entries off identity (%)")
+    ax.set_ylim(bottom=0)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    ax.set_title(f"{title}: nnz {steering.nnz():,} of {total:,} ({100 * steering.nnz() / max(total, 1):.1f}%)",
+                 fontsize=9)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path)

@@ -2,23 +2,28 @@
 baseline costs the same passage perplexity as the method it is compared with (SPEC §5: "methods are
 compared at matched utility").
 
-:func:`side_by_side` evaluates the unsteered model once, every steering over a strength grid (the curves),
-then, for each baseline, searches the strength whose passage PPL matches the lead's at its operating
-strength — by secant steps on log-PPL between the curve points that bracket it, measuring PPL alone (a
-fraction of a full evaluation) — and evaluates the baseline fully there. Every point carries its toxic-rate
-CI (paired bootstrap against the unsteered run), and the matched rows carry the paired CI of their
-difference from the lead.
+:func:`side_by_side` evaluates every steering over a strength grid (the curves), then, for each baseline,
+searches the strength whose passage PPL matches the lead's at its operating strength — secant steps on
+log-PPL between the curve points that bracket it, measuring PPL alone — and evaluates the baseline fully
+there. Every point carries its toxic-rate CI (paired bootstrap against the unsteered run on the same
+prompts); the matched rows also carry the paired CI of their difference from the lead.
+
+Cost. A protocol point is two measurements: passage PPL (all passages) and the toxicity of greedy
+continuations (the prompts). PPL depends only on the strength, so each ``(steering, λ)`` is measured
+once and shared by the curve, the search and the table. The curves may score fewer prompts
+(``curve_prompts``, the first N of ``prompts``) than the table rows, which always score all of them.
 """
 
 from __future__ import annotations
 
 import math
 import time
+from contextlib import nullcontext
 from typing import Callable
 
 import numpy as np
 
-from .metrics import evaluate_model, fluency, paired_bootstrap, perplexity, summary_row
+from .metrics import continuations, fluency, is_degenerate, paired_bootstrap, perplexity, toxicity
 
 
 def _secant(lo: tuple[float, float], hi: tuple[float, float], target: float) -> float:
@@ -60,62 +65,92 @@ def matched_strength(ppl_at: Callable[[float], float], target: float, known: lis
     return below[0], below[1], tried
 
 
+class _Meter:
+    """Protocol measurements of one model under several steerings, each ``(label, λ)`` measured once."""
+
+    def __init__(self, model, tok, steerings, steer, prompts, passages, max_new_tokens, progress, log):
+        self.model, self.tok, self.steerings, self.steer = model, tok, steerings, steer
+        self.prompts, self.passages, self.max_new_tokens, self.progress, self.log = \
+            prompts, passages, max_new_tokens, progress, log
+        self.ppls: dict = {}
+        self.gens: dict = {}
+
+    def _context(self, label, lam):
+        return nullcontext() if label is None or lam == 0 else self.steer(self.model, self.steerings[label], lam)
+
+    def ppl(self, label, lam) -> float:
+        key = (None, 0.0) if label is None or lam == 0 else (label, float(lam))
+        if key not in self.ppls:
+            with self._context(*key):
+                self.ppls[key] = perplexity(self.model, self.tok, self.passages, progress=self.progress)
+        return self.ppls[key]
+
+    def texts(self, label, lam, n: int) -> dict:
+        key = ((None, 0.0) if label is None or lam == 0 else (label, float(lam))) + (n,)
+        if key not in self.gens:
+            prompts = self.prompts[:n]
+            with self._context(*key[:2]):
+                texts, ids = continuations(self.model, self.tok, prompts, max_new_tokens=self.max_new_tokens,
+                                           progress=self.progress)
+            probs = toxicity(texts)
+            self.gens[key] = {"texts": texts, "ids": ids, "probs": probs,
+                              "fluency": fluency(self.model, self.tok, prompts, ids)}  # under the unsteered model
+        return self.gens[key]
+
+    def point(self, label, lam, n: int, base: dict | None) -> dict:
+        """A summary row: toxicity on the first ``n`` prompts, PPL on every passage, CIs against ``base``."""
+        g = self.texts(label, lam, n)
+        toxic = (g["probs"] > 0.5).astype(float)
+        degenerate = np.array([is_degenerate(t, i) for t, i in zip(g["texts"], g["ids"])], dtype=float)
+        row = {"name": label or "unsteered", "label": label or "unsteered", "strength": float(lam), "prompts": n,
+               "toxic_rate": float(toxic.mean()), "mean_tox": float(g["probs"].mean()),
+               "degenerate_rate": float(degenerate.mean()), "ppl": self.ppl(label, lam), "fluency": g["fluency"],
+               "toxic": toxic.astype(int).tolist(), "probs": [float(p) for p in g["probs"]], "texts": g["texts"]}
+        if base is not None:
+            row["cut"] = base["toxic_rate"] / max(row["toxic_rate"], 1e-9)
+            row["ppl_change"] = row["ppl"] / base["ppl"] - 1
+            row["toxic_diff_ci"] = paired_bootstrap(np.asarray(base["toxic"]), toxic)
+        self.log(f"{row['label']} λ={lam:g} ({n} prompts): toxic rate {row['toxic_rate']:.3f}, PPL {row['ppl']:.2f}, "
+                 f"degenerate {row['degenerate_rate']:.3f}")
+        return row
+
+
 def side_by_side(model, tok, steerings: dict, *, lead: str, strengths=(0.25, 0.5, 0.75, 1.0),
-                 lead_strength: float = 1.0, prompts, passages, steer: Callable, max_new_tokens: int = 20,
-                 search_iters: int = 3, progress: bool = False, log: Callable = lambda msg: None) -> dict:
+                 lead_strength: float = 1.0, prompts, passages, steer: Callable, curve_prompts: int | None = None,
+                 max_new_tokens: int = 20, search_iters: int = 3, progress: bool = False,
+                 log: Callable = lambda msg: None) -> dict:
     """Evaluate ``steerings`` ({label: Steering}) over ``strengths`` and at matched PPL.
 
     Args:
         lead: the label whose ``lead_strength`` point sets the PPL the others are matched to.
         steer: ``steer(model, steering, strength)`` → a context manager that steers the model (e.g.
-            :func:`lineas_fast.steered`); kept as an argument so evaluation does not import the patching layer.
+            :func:`lineas_fast.steered`); an argument so that evaluation does not import the patching layer.
+        curve_prompts: score the curves on the first N prompts (default: all); table rows use all.
     Returns:
-        ``{"unsteered": point, "curves": {label: [point, ...]}, "matched": {label: point}, "lead": point,
-        "searches": {label: [(λ, ppl), ...]}, "seconds": float}``; a point is a :func:`summary_row` plus
-        ``label``, ``strength``, ``toxic`` (per-prompt flags) and example texts.
+        ``{"unsteered": row, "lead": row, "matched": {label: row}, "curves": {label: [row, ...]},
+        "curve_unsteered": row, "searches": {label: [(λ, ppl), ...]}, "seconds": float}``; rows are
+        protocol summaries (``name``, ``toxic_rate``, ``cut``, ``toxic_diff_ci``, ``ppl``, ...) with per-prompt
+        ``toxic``/``probs``/``texts``.
     """
     t0 = time.perf_counter()
-
-    def point(label, st, lam):
-        if st is None or lam == 0:
-            r = evaluate_model(model, tok, prompts, passages, None, max_new_tokens, progress)
-        else:
-            with steer(model, st, lam):
-                r = evaluate_model(model, tok, prompts, passages, None, max_new_tokens, progress)
-        r["fluency"] = fluency(model, tok, prompts, r["ids"])
-        row = summary_row(label, r, None if label == "unsteered" else base_r)
-        if label != "unsteered":
-            row["toxic_diff_ci"] = paired_bootstrap(base_r["toxic"], r["toxic"])
-        row.update(label=label, strength=float(lam), toxic=np.asarray(r["toxic"]).astype(int).tolist(),
-                   probs=[float(x) for x in r["probs"]], texts=r["texts"])
-        log(f"{label} λ={lam:g}: toxic rate {row['toxic_rate']:.3f}, PPL {row['ppl']:.2f}, "
-            f"degenerate {row['degenerate_rate']:.3f}")
-        return row
-
-    base_r = None
-    base = point("unsteered", None, 0.0)
-    base_r = {"toxic": np.asarray(base["toxic"], dtype=float), "toxic_rate": base["toxic_rate"], "ppl": base["ppl"]}
-    grid = sorted({float(s) for s in strengths} | {float(lead_strength)})
-    curves = {label: [point(label, st, lam) for lam in (grid if label == lead else sorted(set(strengths)))]
-              for label, st in steerings.items()}
-    lead_pt = next(p for p in curves[lead] if p["strength"] == lead_strength)
+    n_all = len(prompts)
+    n_curve = min(int(curve_prompts or n_all), n_all)
+    meter = _Meter(model, tok, steerings, steer, prompts, passages, max_new_tokens, progress, log)
+    base = meter.point(None, 0.0, n_all, None)
+    curve_base = base if n_curve == n_all else meter.point(None, 0.0, n_curve, None)
+    grid = sorted({float(s) for s in strengths})
+    curves = {label: [meter.point(label, lam, n_curve, curve_base) for lam in grid] for label in steerings}
+    lead_pt = meter.point(lead, lead_strength, n_all, base)
     matched, searches = {}, {}
-    for label, st in steerings.items():
+    for label in steerings:
         if label == lead:
             continue
         known = [(0.0, base["ppl"])] + [(p["strength"], p["ppl"]) for p in curves[label]]
-
-        def ppl_at(lam, st=st):
-            with steer(model, st, lam):
-                return perplexity(model, tok, passages)
-
-        lam, _, tried = matched_strength(ppl_at, lead_pt["ppl"], known, iters=search_iters)
+        lam, _, tried = matched_strength(lambda x, label=label: meter.ppl(label, x), lead_pt["ppl"], known,
+                                         iters=search_iters)
         searches[label] = tried
-        done = next((p for p in curves[label] if p["strength"] == lam), None)
-        pt = done if done is not None else (base if lam == 0 else point(label, st, lam))
-        pt = dict(pt, label=label)
-        d = paired_bootstrap(np.asarray(lead_pt["toxic"]), np.asarray(pt["toxic"]))  # baseline − lead
-        pt["vs_lead_ci"] = d
+        pt = meter.point(label, lam, n_all, base)
+        pt["vs_lead_ci"] = paired_bootstrap(np.asarray(lead_pt["toxic"]), np.asarray(pt["toxic"]))  # minus lead
         matched[label] = pt
-    return {"unsteered": base, "curves": curves, "matched": matched, "lead": lead_pt, "searches": searches,
-            "seconds": time.perf_counter() - t0}
+    return {"unsteered": base, "curve_unsteered": curve_base, "curves": curves, "matched": matched, "lead": lead_pt,
+            "searches": searches, "seconds": time.perf_counter() - t0}
