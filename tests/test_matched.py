@@ -1,0 +1,68 @@
+"""Side by side at matched utility (evaluate/matched.py): the strength search and the shared measurements."""
+
+import math
+
+import pytest
+
+import lineas_fast as lf
+from conftest import make_model, random_steering
+from lineas_fast.evaluate import matched
+from lineas_fast.evaluate.matched import matched_strength, side_by_side
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+def test_matched_strength_brackets_and_never_exceeds_the_target():
+    calls = []
+
+    def ppl_at(lam):  # a convex, increasing PPL curve
+        calls.append(lam)
+        return 70 * math.exp(3 * lam * lam)
+
+    known = [(0.0, 70.0), (0.25, ppl_at(0.25)), (0.5, ppl_at(0.5)), (1.0, ppl_at(1.0))]
+    calls.clear()
+    target = 77.0
+    lam, ppl, tried = matched_strength(ppl_at, target, known, iters=4)
+    assert ppl <= target and ppl == pytest.approx(70 * math.exp(3 * lam * lam))
+    assert 0 < lam < 0.25 and ppl > 0.97 * target  # secant steps on log-PPL land close
+    assert len(calls) == len(tried) <= 4
+    exact = math.sqrt(math.log(target / 70) / 3)
+    assert lam <= exact
+
+
+def test_matched_strength_without_a_bracket_takes_the_largest_known_strength():
+    lam, ppl, tried = matched_strength(lambda x: 1 / 0, 100.0, [(0.0, 70.0), (0.5, 80.0), (1.0, 90.0)])
+    assert (lam, ppl, tried) == (1.0, 90.0, [])
+    lam, ppl, tried = matched_strength(lambda x: 1 / 0, 60.0, [(0.0, 70.0), (1.0, 90.0)], iters=0)
+    assert lam == 0.0 and tried == []
+
+
+def test_side_by_side_on_a_tiny_model(tok, monkeypatch):
+    model = make_model("llama")
+    sites = lf.resolve_sites(model, "norms")
+    steerings = {"lead": random_steering(model, sites, seed=1, spread=0.5),
+                 "base": random_steering(model, sites, seed=2, spread=0.5)}
+    counts = {"ppl": 0}
+    real = matched.perplexity
+
+    def counted(*a, **k):
+        counts["ppl"] += 1
+        return real(*a, **k)
+
+    monkeypatch.setattr(matched, "perplexity", counted)
+    prompts = ["you are a bad", "i hate this", "what a stupid", "go away now"]
+    passages = ["the river flows to the sea and the city grew around it", "a history of the city"]
+    res = side_by_side(model, tok, steerings, lead="lead", strengths=(0.5, 1.0), prompts=prompts,
+                       passages=passages, steer=lambda m, s, lam: lf.steered(m, s, strength=lam, mode="hooks"),
+                       curve_prompts=2, max_new_tokens=4, search_iters=2)
+    assert [p["strength"] for p in res["curves"]["lead"]] == [0.5, 1.0]
+    assert all(p["prompts"] == 2 for c in res["curves"].values() for p in c)
+    assert res["lead"]["prompts"] == 4 and res["matched"]["base"]["prompts"] == 4
+    assert res["matched"]["base"]["ppl"] <= res["lead"]["ppl"]
+    # PPL once per (steering, λ): unsteered, 2 curve points each, the search's points
+    assert counts["ppl"] == 1 + 4 + len(res["searches"]["base"])
+    assert res["lead"]["ppl"] == next(p["ppl"] for p in res["curves"]["lead"] if p["strength"] == 1.0)
+    for row in [res["lead"], res["matched"]["base"], *res["curves"]["base"]]:
+        lo, hi = row["toxic_diff_ci"][1:]
+        assert lo <= hi and len(row["toxic"]) == row["prompts"]
+    assert len(res["matched"]["base"]["vs_lead_ci"]) == 3
