@@ -37,7 +37,7 @@ import torch
 from tqdm.auto import tqdm
 
 from ..errors import SteeringError
-from ..losses import column_weights, wasserstein_loss
+from ..losses import column_weights, sorted_rows, wasserstein_loss_to
 from .prox import prox_sparse_group, step_sizes
 
 SCHEDULES = ("cosine", "constant")
@@ -153,7 +153,7 @@ def train_maps(forward, *, n_source: int, targets: Targets, slices: dict, recipe
     recipe.validate()
     n_target = len(targets.rows_of)
     v = targets.v.to(device)
-    v_sorted = torch.sort(v, dim=0).values
+    vt_sorted = sorted_rows(v)  # [Σd, rows]: transposed and sorted once
     weights = column_weights(v, recipe.normalize)
     width = v.shape[1]
     gen = torch.Generator().manual_seed(recipe.seed)
@@ -190,11 +190,11 @@ def train_maps(forward, *, n_source: int, targets: Targets, slices: dict, recipe
                                     f"(lower lr={recipe.lr} or check the model)")
             t_fwd = time.perf_counter()
             is_src = owner < n_source
-            transport = wasserstein_loss(z[is_src], v_sorted, weights)
+            transport = wasserstein_loss_to(z[is_src], vt_sorted, weights)
             loss = transport
             if tgt:
                 ref = v[torch.cat([targets.rows_of[j] for j in tgt]).to(device)]
-                kept = wasserstein_loss(z[~is_src], torch.sort(ref, dim=0).values, weights)
+                kept = wasserstein_loss_to(z[~is_src], sorted_rows(ref), weights)
                 loss = transport + recipe.preserve * kept
             t_loss = time.perf_counter()
             opt.zero_grad(set_to_none=True)
