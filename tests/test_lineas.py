@@ -11,7 +11,8 @@ from lineas_fast.methods.prox import prox_sparse_group, soft_threshold, step_siz
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 # explicit mechanics-test settings (the library defaults are tuned for the real model, see docs/tuning.md)
-FAST = dict(steps=12, lr=1e-2, l1=0.0, normalize=None, pooling="mean", progress=False)
+FAST = dict(steps=12, lr=1e-2, l1=0.0, normalize=None, pooling="mean", sites="norms", preserve=0.0, batch_size=32,
+            progress=False)
 
 
 def fit(model, tok, **kw):

@@ -15,7 +15,8 @@ from lineas_fast.patching.fused import FusedNorm
 
 pytestmark = pytest.mark.usefixtures("one_thread", "fresh_dynamo")
 
-FAST = dict(steps=4, lr=1e-2, l1=0.5, normalize=None, pooling="tokens", progress=False)
+FAST = dict(steps=4, lr=1e-2, l1=0.5, normalize=None, pooling="tokens", sites="norms", preserve=0.0, batch_size=32,
+            progress=False)
 # prompts of very different lengths (1 to 45 tokens), so random mini-batches differ in shape
 RAGGED = ["a", "no", "you are bad", "i hate this so much, really", "go away now you fool and never come back",
           "what a stupid idea", "this is awful and dumb and so is everything you ever wrote down", "ok then"]

@@ -12,7 +12,8 @@ from lineas_fast.methods.trainer import Recipe, Targets, converged, train_maps
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
-FAST = dict(steps=12, lr=1e-2, l1=0.0, normalize=None, pooling="mean", progress=False)
+FAST = dict(steps=12, lr=1e-2, l1=0.0, normalize=None, pooling="mean", sites="norms", preserve=0.0, batch_size=32,
+            progress=False)
 
 
 def fit(model, tok, **kw):

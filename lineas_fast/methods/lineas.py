@@ -26,10 +26,14 @@ from .common import check_prompt_sets, model_meta
 from .lineas_compile import CompiledForward, compile_backend
 from .trainer import Recipe, Targets, train_maps
 
-# The reference recipe (SPEC §2); the defaults are picked by the protocol in docs/tuning.md.
-DEFAULTS = dict(sites="norms", pooling="mean", steps=200, lr=1e-3, schedule="cosine", lr_end=1e-3, betas=(0.9, 0.9),
-                l1=0.0, group_l2=0.0, batch_size=20, normalize="var", optimizer="adam", preserve=0.0, tol=0.0,
-                window=20, max_length=64, seed=0, autocast=False, compile=False)
+# Picked by the protocol on the eval slice (docs/tuning.md has every point and its command): the MLP hidden
+# neurons (sparser, more feature-like than the residual basis the norms see), every token a sample, the
+# reference recipe's Adam betas and cosine decay, and a preservation term (preserve=4: the maps may move the
+# target prompts' own activations only at 4x the cost of not transporting the source) that keeps passage
+# PPL near +10 % at λ = 1. 40 steps of 12 + 12 prompts at lr 1e-2 fit in under 3 minutes on 2 CPU cores.
+DEFAULTS = dict(sites="mlp_hidden", pooling="tokens", steps=40, lr=1e-2, schedule="cosine", lr_end=1e-3,
+                betas=(0.9, 0.9), l1=0.0, group_l2=0.0, batch_size=12, normalize="var", optimizer="adam",
+                preserve=4.0, tol=0.0, window=20, max_length=64, seed=0, autocast=False, compile=False)
 
 
 class _FrozenModel:
