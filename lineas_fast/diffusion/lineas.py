@@ -19,7 +19,7 @@ from ..collect import tap
 from ..errors import SteeringError
 from ..methods.common import check_prompt_sets, model_meta
 from ..methods.lineas import _FrozenModel
-from ..methods.trainer import Recipe, Targets, train_maps
+from ..methods.trainer import Recipe, Targets, site_slices, train_maps
 from ..sites import site_widths
 from ..steering import Steering
 from .run import POOLINGS, SiteRecorder, call_pipeline, collect_diffusion
@@ -107,10 +107,7 @@ def fit_lineas_pipeline(view, source, target, *, sites=DEFAULTS["sites"], poolin
     pipe = view.pipe
     site_list = view.resolve(sites)
     widths = site_widths(view, site_list)
-    slices, offset = {}, 0
-    for s in site_list:
-        slices[s] = slice(offset, offset + widths[s])
-        offset += widths[s]
+    slices, _ = site_slices(site_list, widths)
     device = next(getattr(view, view.denoiser).parameters()).device
     run = dict(num_inference_steps=num_inference_steps, size=size, pipe_kwargs=pipe_kwargs)
     t0 = time.perf_counter()

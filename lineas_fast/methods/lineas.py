@@ -24,7 +24,7 @@ from ..sites import resolve_sites, site_widths
 from ..steering import Steering
 from .common import check_prompt_sets, model_meta
 from .lineas_compile import CompiledForward, compile_backend
-from .trainer import Recipe, Targets, train_maps
+from .trainer import Recipe, Targets, site_slices, train_maps
 
 # Picked by the protocol on the eval slice (docs/tuning.md has every point and its command): the MLP hidden
 # neurons (sparser, more feature-like than the residual basis the norms see), every token a sample, the
@@ -179,10 +179,7 @@ def fit_lineas(model, tok, source, target, *, sites=DEFAULTS["sites"], pooling=D
     backend = compile_backend(compile)
     site_list = resolve_sites(model, sites)
     widths = site_widths(model, site_list)
-    offsets, slices = 0, {}
-    for s in site_list:
-        slices[s] = slice(offsets, offsets + widths[s])
-        offsets += widths[s]
+    slices, _ = site_slices(site_list, widths)
     device = model_device(model)
     t0 = time.perf_counter()
 

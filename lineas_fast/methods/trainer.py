@@ -110,6 +110,15 @@ class Recipe:
         return out
 
 
+def site_slices(sites: list[str], widths: dict) -> tuple[dict, int]:
+    """``{site: slice}`` of each site's columns in the flat ``[Σd]`` parameter vectors, and Σd."""
+    slices, offset = {}, 0
+    for s in sites:
+        slices[s] = slice(offset, offset + widths[s])
+        offset += widths[s]
+    return slices, offset
+
+
 def converged(losses: list[float], window: int, tol: float) -> bool:
     """The stopping rule: the last ``window`` losses' mean improved on the previous window's mean by less
     than ``tol`` (relative). Checked only at whole windows, from the end of the second one."""
