@@ -1,4 +1,6 @@
 # lineas_fast — build, demo and test. `make test` is what CI (.ci/run) runs.
+# `make gpu-check` (a CUDA GPU and a CUDA torch): builds the CUDA extension, runs the GPU tests (a skip
+# fails), writes benchmarks/results/gpu/*.md; `make gpu-check ARGS=--dry-run` lists its steps.
 PY    ?= python3
 VENV  ?= .venv
 TORCH ?= torch==2.13.0
@@ -6,7 +8,7 @@ BIN   := $(VENV)/bin
 # Re-install (and rebuild the C++ extension) only when the build inputs change.
 BUILD_INPUTS := setup.py pyproject.toml $(wildcard csrc/*.cpp csrc/*.h csrc/cuda/*.cu csrc/cuda/*.cpp csrc/cuda/*.h)
 
-.PHONY: venv demo test test-fast bench bench-quick clean distclean
+.PHONY: venv demo test test-fast bench bench-quick gpu-check clean distclean
 
 venv: $(VENV)/.stamp
 
@@ -40,6 +42,11 @@ bench:
 bench-quick:
 	T0=$$(date +%s) && $(MAKE) venv && bash benchmarks/peers/setup.sh && \
 		$(BIN)/python benchmarks/run_all.py --threads 2 --quick --started-at $$T0
+
+# Runs in the current environment (no `venv` prerequisite: that pins a CPU torch); see benchmarks/gpu_check.py.
+GPU_PY ?= $(if $(wildcard $(BIN)/python),$(BIN)/python,$(PY))
+gpu-check:
+	$(GPU_PY) benchmarks/gpu_check.py $(ARGS)
 
 clean:
 	rm -rf build dist *.egg-info .pytest_cache lineas_fast/_C*.so

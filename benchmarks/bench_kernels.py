@@ -45,8 +45,7 @@ VM (compiling adds 2-6 s per case with a cold inductor cache). ``--quick`` (one 
     python benchmarks/bench_kernels.py --threads 2 --out benchmarks/results/kernels_cpu.json \\
         --plot benchmarks/results/kernels_cpu.png
 
-Its case builders are shared by ``bench_norm_affine.py`` and ``bench_steered_linear.py`` (the older,
-narrower scripts with their extra baselines: "lean" eager norm, ``F.linear(x.clone())``).
+(It superseded the per-op scripts ``bench_norm_affine.py`` and ``bench_steered_linear.py``, removed.)
 """
 
 from __future__ import annotations

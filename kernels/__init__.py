@@ -1,15 +1,15 @@
 """Triton kernels, installed as ``lineas_fast.kernels`` (see ``package_dir`` in setup.py).
 
 * :mod:`.norm_affine` — LayerNorm / RMSNorm (+ Gemma ``(1 + w)`` variant) fused with per-row sparse
-  steering, forward (``norm_affine_fwd``) and backward (``norm_affine_bwd``), as plain launchers that
-  :mod:`lineas_fast.ops` registers for CUDA tensors.
+  steering, forward (``norm_affine_fwd``) and backward (``norm_affine_bwd``), as plain launchers that the
+  backend registry (:mod:`lineas_fast.backends`) registers for CUDA tensors the CUDA extension leaves to it.
 * :mod:`.steered_linear` — a Linear layer (one tiled matmul) with per-row steering fused as a prologue on
   its input tiles or an epilogue on its output tiles, forward (``steered_linear_fwd``) and backward
   (``steered_linear_bwd``), registered the same way.
 
 Importing this package never imports triton (it may be missing, and ``TRITON_INTERPRET`` must be set
 before it is imported); the launchers are loaded on first access, and :func:`available` says whether
-they can run here and why not.
+they can run here and why not (a fact the registry reads; it decides nothing).
 """
 
 from __future__ import annotations

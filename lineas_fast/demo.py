@@ -18,13 +18,13 @@ import shutil
 import time
 from pathlib import Path
 
+from .defaults import DEFAULT_MODEL, DEMO_QUICK
 from .errors import SteeringError
 
-DEFAULT_MODEL = "smollm2-135m"
 BASELINES = {"Mean-AcT": "mean_act", "Linear-AcT": "linear_act"}
 CURVE = (0.25, 0.5, 0.75, 1.0)
 CURVE_PROMPTS = 100  # the curves score the first 100 eval prompts (a protocol point costs ~1 min on 2 cores)
-QUICK = {"steps": 3, "prompts": 8, "passages": 3, "curve": (1.0,), "search_iters": 1}
+QUICK = DEMO_QUICK
 TARGET = {"cut": 3.0, "ppl_change": 0.10, "degenerate_rate": 0.05}  # the default task's quality bar (README)
 
 

@@ -67,3 +67,11 @@ def wasserstein_loss_to(z: torch.Tensor, vt_sorted: torch.Tensor, weights: torch
     training loop keeps, so the target is transposed and sorted once per fit, not once per step)."""
     cols = wasserstein_to_sorted(z, vt_sorted)
     return (cols * weights).sum() if weights is not None else cols.sum()
+
+
+def paired_loss(z: torch.Tensor, ref: torch.Tensor, weights: torch.Tensor | None = None) -> torch.Tensor:
+    """Σ over columns of the (optionally weighted) mean squared difference of *paired* rows ``z`` and
+    ``ref`` (the same samples, steered and not). An upper bound on the Wasserstein term of the same pairs
+    (the identity coupling is one coupling): it also counts samples that trade places."""
+    cols = (z - ref).pow(2).mean(0)
+    return (cols * weights).sum() if weights is not None else cols.sum()

@@ -1,8 +1,7 @@
 """Sites: which module outputs (or inputs) a steering transforms, and how presets resolve.
 
-A *site* is a module name, optionally suffixed ``":k"`` (element ``k`` of a tuple output, e.g. an
-attention module returning ``(hidden, weights)``) or ``":in"`` (the module's first positional input,
-e.g. the MLP hidden neurons entering ``down_proj``).
+A *site* is a module name, optionally suffixed ``":k"`` or ``":in"`` (the address itself, and reading or
+writing the tensor it names, is :mod:`lineas_fast.site_address`; widths are :func:`site_widths`).
 
 Per-architecture knowledge is data (:data:`FAMILIES`), not code: which block children are norms,
 which are Gemma-style post-norms, where the MLP / attention outputs and the MLP hidden neurons are,
@@ -19,6 +18,9 @@ import torch
 from torch import nn
 
 from .errors import SteeringError
+from .forward import site_widths
+from .site_address import Site, channel_dim, get_module, pick, replace, static_width
+from .views import as_model, is_view
 
 _LLAMA_CONSUMERS = {
     "input_layernorm": ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),
@@ -88,27 +90,6 @@ FAMILIES: dict[str, Family] = {
 PRESETS = ("norms", "post_norms", "mlp_out", "attn_out", "mlp_hidden")
 
 
-@dataclass(frozen=True)
-class Site:
-    """A parsed site string: module name + what to transform (``out``, ``in`` or tuple element ``k``)."""
-
-    spec: str
-    module: str
-    index: int | None = None  # tuple element of the output
-    is_input: bool = False
-
-    @staticmethod
-    def parse(spec: str) -> "Site":
-        name, sep, suffix = spec.rpartition(":")
-        if not sep:
-            return Site(spec, spec)
-        if suffix == "in":
-            return Site(spec, name, is_input=True)
-        if suffix.isdigit():
-            return Site(spec, name, index=int(suffix))
-        raise SteeringError(f"site {spec!r}: suffix must be ':in' or ':<int>'")
-
-
 def family(model: nn.Module) -> Family | None:
     """The :class:`Family` of a model, from ``config.model_type`` (None if unknown)."""
     return FAMILIES.get(getattr(getattr(model, "config", None), "model_type", None))
@@ -148,12 +129,10 @@ def resolve_sites(model: nn.Module, sites) -> list[str]:
     model order.
 
     Raises :class:`SteeringError` naming the site when a module does not exist or nothing matches.
-    A diffusers pipeline's view (:mod:`lineas_fast.diffusion`) resolves its own presets.
+    A registered model view (:mod:`lineas_fast.views`, e.g. a diffusers pipeline's) resolves its own presets.
     """
-    from .diffusion.view import as_model
-
     model = as_model(model)
-    if getattr(model, "is_pipeline_view", False):
+    if is_view(model):
         return model.resolve(sites)
     if isinstance(sites, str) and sites and all(p in PRESETS for p in sites.split("+")):
         prefix, blocks = decoder_blocks(model)  # a preset, or several joined by "+" (e.g. attn_out+mlp_out)
@@ -200,61 +179,5 @@ def check_sites(model: nn.Module, sites: list[str]) -> None:
         raise SteeringError(f"unknown site(s) for {type(model).__name__}: {missing[:5]}")
 
 
-def get_module(model: nn.Module, spec: str) -> nn.Module:
-    return model.get_submodule(Site.parse(spec).module)
-
-
-def pick(output, site: Site) -> torch.Tensor:
-    """The tensor a site transforms, out of a module output (tuple element ``k`` if asked)."""
-    if site.index is None:
-        if not torch.is_tensor(output):
-            raise SteeringError(f"site {site.spec!r}: module returns {type(output).__name__}; use '{site.spec}:0'")
-        return output
-    return output[site.index]
-
-
-def replace(output, site: Site, value: torch.Tensor):
-    """Put ``value`` back where :func:`pick` took it from (tuples are rebuilt, never mutated)."""
-    if site.index is None:
-        return value
-    items = list(output)
-    items[site.index] = value
-    return type(output)(items) if isinstance(output, tuple) else items
-
-
-def _static_width(module: nn.Module, site: Site) -> int | None:
-    if site.index is not None:
-        return None
-    weight = getattr(module, "weight", None)
-    if isinstance(module, nn.Linear):
-        return module.in_features if site.is_input else module.out_features
-    if type(module).__name__ == "Conv1D":  # transformers' GPT-2 Linear with weight [in, out]
-        return module.weight.shape[0] if site.is_input else module.weight.shape[1]
-    if isinstance(module, nn.Conv2d):
-        return module.in_channels if site.is_input else module.out_channels
-    if "norm" in type(module).__name__.lower() and torch.is_tensor(weight) and weight.ndim == 1:
-        return weight.numel()
-    return None
-
-
-def channel_dim(ndim: int) -> int:
-    """The steered axis of a site tensor: channels of ``[B, C, H, W]`` conv features, else the last."""
-    return 1 if ndim == 4 else -1
-
-
-def site_widths(model: nn.Module, sites: list[str]) -> dict[str, int]:
-    """Width d of each site: from the module's weights when obvious, else from a probe forward (channels:
-    :func:`channel_dim`)."""
-    widths, unknown = {}, []
-    for spec in sites:
-        site = Site.parse(spec)
-        w = _static_width(model.get_submodule(site.module), site)
-        if w is None:
-            unknown.append(spec)
-        else:
-            widths[spec] = w
-    if unknown:
-        from .collect import probe_shapes
-
-        widths.update({s: shape[channel_dim(len(shape))] for s, shape in probe_shapes(model, unknown).items()})
-    return widths
+__all__ = ["FAMILIES", "PRESETS", "Family", "Site", "channel_dim", "check_sites", "decoder_blocks", "family",
+           "get_module", "match_names", "pick", "replace", "resolve_sites", "site_widths", "static_width"]

@@ -15,7 +15,7 @@ import os
 import torch
 
 from ._version import __version__
-from .errors import SteeringError
+from .errors import ArtifactError, SteeringError
 
 FORMAT_VERSION = 2  # 2 added the optional support clamp; version-1 files load unchanged
 REQUIRED_META = ("method", "model_type", "model_class", "name_or_path", "widths", "hyperparams",
@@ -114,41 +114,19 @@ class Steering:
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> "Steering":
-        """Read a file written by :meth:`save`; a corrupt or foreign file raises :class:`SteeringError`."""
-        from safetensors import safe_open
+        """Read a file written by :meth:`save`, strictly (format: :mod:`lineas_fast.artifact`).
 
-        path = os.fspath(path)
-        if not os.path.isfile(path):
-            raise SteeringError(f"steering file {path!r} does not exist")
+        A missing, truncated, garbled or foreign file — or one whose tensors, dtypes, shapes or metadata
+        disagree with the format — raises :class:`ArtifactError` naming the file and the problem.
+        """
+        from .artifact import read_artifact
+
+        meta, sites, clamped, t = read_artifact(path, FORMAT_VERSION, REQUIRED_META)
         try:
-            with safe_open(path, framework="pt") as f:
-                header = f.metadata() or {}
-                tensors = {k: f.get_tensor(k) for k in f.keys()}
-        except Exception as e:  # safetensors raises several types for truncated/garbled files
-            raise SteeringError(f"steering file {path!r} is corrupt or not safetensors: {e}") from None
-        if "lineas_fast" not in header or "sites" not in header:
-            raise SteeringError(f"steering file {path!r} has no lineas_fast metadata")
-        try:
-            meta = json.loads(header["lineas_fast"])
-            sites = json.loads(header["sites"])
-            clamped = json.loads(header.get("support_sites", "[]"))
-        except json.JSONDecodeError as e:
-            raise SteeringError(f"steering file {path!r}: metadata is not valid JSON ({e})") from None
-        missing = [k for k in REQUIRED_META if k not in meta]
-        if missing:
-            raise SteeringError(f"steering file {path!r}: metadata lacks {missing}")
-        if meta["format_version"] > FORMAT_VERSION:
-            raise SteeringError(f"steering file {path!r}: format {meta['format_version']} is newer than this library's {FORMAT_VERSION}")
-        try:
-            scale = {s: tensors[f"scale/{s}"] for s in sites}
-            shift = {s: tensors[f"shift/{s}"] for s in sites}
-            support = {s: (tensors[f"support_lo/{s}"], tensors[f"support_hi/{s}"]) for s in clamped}
-        except KeyError as e:
-            raise SteeringError(f"steering file {path!r}: tensor {e} missing") from None
-        st = cls(scale, shift, meta, support)
-        if st.meta["widths"] != {s: int(w) for s, w in meta["widths"].items()}:
-            raise SteeringError(f"steering file {path!r}: tensor widths disagree with its metadata")
-        return st
+            return cls({s: t[f"scale/{s}"] for s in sites}, {s: t[f"shift/{s}"] for s in sites}, meta,
+                       {s: (t[f"support_lo/{s}"], t[f"support_hi/{s}"]) for s in clamped})
+        except SteeringError as e:
+            raise ArtifactError(f"steering file {os.fspath(path)!r}: {e}") from None
 
     # ---------------------------------------------------------------- checks against a model
     def check_model(self, model) -> None:

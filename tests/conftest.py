@@ -3,6 +3,9 @@
 ``TRITON_INTERPRET`` must be set before anything imports triton (SPEC §4), hence the very top.
 Helpers that are plain functions (``random_steering``, ``logits``, ``snapshot``, ...) live here and are
 imported by the test modules (``from conftest import ...``); tests/ is on ``sys.path``.
+
+``LINEAS_FAST_REQUIRE_GPU=1`` (set by ``make gpu-check``) turns a ``gpu``-marked test skipped at setup (a
+``skipif`` or a fixture saying the GPU, the CUDA extension or triton is missing) into a failure.
 """
 
 import os
@@ -24,6 +27,17 @@ import torch  # noqa: E402
 from tiny_models import ARCHS, tiny_batch, tiny_model  # noqa: E402,F401
 
 FP32_TOL = 1e-5  # SPEC §6
+REQUIRE_GPU = os.environ.get("LINEAS_FAST_REQUIRE_GPU", "0") not in ("", "0")
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item, call):
+    """Under LINEAS_FAST_REQUIRE_GPU=1 a gpu test skipped for a missing prerequisite fails instead."""
+    outcome = yield
+    rep = outcome.get_result()
+    if REQUIRE_GPU and rep.skipped and rep.when == "setup" and item.get_closest_marker("gpu") is not None:
+        reason = rep.longrepr[2] if isinstance(rep.longrepr, tuple) else str(rep.longrepr)
+        rep.outcome, rep.longrepr = "failed", f"LINEAS_FAST_REQUIRE_GPU=1 but this GPU test was skipped: {reason}"
 
 # ------------------------------------------------------------------ threads
 @pytest.fixture

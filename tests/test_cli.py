@@ -248,6 +248,6 @@ def test_fit_autocast_flag(capsys, tmp_path, tiny_dir):
 def test_bench_outside_a_checkout_is_one_clear_error(tmp_path, monkeypatch, capsys):
     import lineas_fast.cli as cli
 
-    monkeypatch.setattr(cli, "__file__", str(tmp_path / "lineas_fast" / "cli.py"))
+    monkeypatch.setattr(cli, "__file__", str(tmp_path / "lineas_fast" / "cli" / "__init__.py"))
     assert main(["bench", "--quick"]) == 2
     assert "source checkout" in capsys.readouterr().err

@@ -142,10 +142,39 @@ def test_preserve_moves_target_text_less(tok):
     assert kept.meta["train"]["loss"][0] == pytest.approx(kept.meta["train"]["transport"][0])  # 0 at identity
 
 
-def test_preserve_under_compile_matches_eager(tok):
+def test_paired_preserve_compares_each_row_with_its_own_unsteered_value():
+    """``preserve_loss="paired"``: the forward returns target rows in its own order (owner ids); each is
+    compared with the same prompt's unsteered row — zero at the identity, the mean squared move after."""
+    torch.manual_seed(0)
+    x = torch.randn(7, 2)  # 3 source prompts, then 4 target prompts (one row each)
+    v = x[3:].clone()
+
+    class Shuffled(_Recorder):  # returns rows in reverse order, as a length-bucketed forward may
+        def __call__(self, idx):
+            idx = list(reversed(idx))
+            return self.x[idx] * self.omega + self.shift, torch.tensor(idx)
+
+    recipe = Recipe(steps=1, lr=1e-9, batch_size=4, preserve=1.0, preserve_loss="paired", normalize=None)
+    _, _, hist = train_maps(Shuffled(x), n_source=3, targets=Targets.from_counts(v, [1] * 4),
+                            slices={"a": slice(0, 2)}, recipe=recipe, device=torch.device("cpu"), progress=False)
+    assert hist["preserve"] == [0.0]  # identity: every target row equals its own unsteered row
+
+    from lineas_fast.losses import paired_loss, wasserstein_loss
+
+    z, ref = v * 1.5 + 0.25, v
+    assert float(paired_loss(z, ref)) == pytest.approx(float(((z - ref) ** 2).mean(0).sum()))
+    swapped = ref[[1, 0, 2, 3]]  # same distribution, other pairing: W is blind to it, paired is not
+    assert float(wasserstein_loss(swapped, torch.sort(ref, 0).values)) == pytest.approx(0.0, abs=1e-12)
+    assert float(paired_loss(swapped, ref)) > 0
+
+
+@pytest.mark.parametrize("preserve_loss", ["wasserstein", "paired"])
+def test_preserve_under_compile_matches_eager(tok, preserve_loss):
     model = make_model("llama")
-    eager = fit(model, tok, steps=4, preserve=1.0, pooling="tokens")
-    compiled = fit(model, tok, steps=4, preserve=1.0, pooling="tokens", compile="aot_eager")
+    kw = dict(steps=4, preserve=1.0, pooling="tokens", preserve_loss=preserve_loss)
+    eager = fit(model, tok, **kw)
+    compiled = fit(model, tok, compile="aot_eager", **kw)
+    assert eager.meta["train"]["preserve"][0] == pytest.approx(0.0, abs=1e-6)
     for a, b in zip(eager.meta["train"]["loss"], compiled.meta["train"]["loss"]):
         assert a == pytest.approx(b, rel=1e-4)
 
@@ -154,7 +183,7 @@ def test_preserve_under_compile_matches_eager(tok):
 @pytest.mark.parametrize("kw, name", [
     (dict(schedule="linear"), "schedule"), (dict(lr_end=0.0), "lr_end"), (dict(lr_end=2.0), "lr_end"),
     (dict(betas=(0.9,)), "betas"), (dict(betas=(0.9, 1.0)), "betas"), (dict(preserve=-1.0), "preserve"),
-    (dict(preserve=math.nan), "preserve"), (dict(tol=-0.1), "tol"), (dict(window=0), "window"),
+    (dict(preserve=math.nan), "preserve"), (dict(preserve_loss="l2"), "preserve_loss"), (dict(tol=-0.1), "tol"), (dict(window=0), "window"),
     (dict(lr=math.inf), "lr"), (dict(batch_size=1), "batch_size"), (dict(steps=2.5), "steps"),
 ])
 def test_bad_recipe_options_are_named_before_anything_runs(tok, kw, name):

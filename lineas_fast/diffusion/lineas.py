@@ -15,11 +15,10 @@ import time
 
 import torch
 
-from ..collect import tap
+from ..forward import tap
 from ..errors import SteeringError
 from ..methods.common import check_prompt_sets, model_meta
-from ..methods.lineas import _FrozenModel
-from ..methods.trainer import Recipe, Targets, site_slices, train_maps
+from ..methods.trainer import FrozenModel, Recipe, Targets, site_slices, train_maps
 from ..sites import site_widths
 from ..steering import Steering
 from .run import POOLINGS, SiteRecorder, call_pipeline, collect_diffusion
@@ -29,7 +28,7 @@ DEFAULTS = dict(sites="norms", pooling="mean", steps=40, lr=3e-3, schedule="cons
                 preserve=0.0, tol=0.0, window=20, seed=0)
 
 
-class _FrozenComponents(_FrozenModel):
+class _FrozenComponents(FrozenModel):
     """As for an LLM, plus each module's own train/eval flag restored (components differ: a pipeline
     built from configs leaves them in train mode)."""
 

@@ -19,9 +19,10 @@ import inspect
 import torch
 from tqdm.auto import tqdm
 
-from ..collect import StopForward, tap
+from ..forward import StopForward, tap
 from ..data import check_texts
 from ..errors import SteeringError
+from ..views import view_of
 
 POOLINGS = ("mean", "tokens")
 TIMESTEP_POOLINGS = ("mean", "stack")
@@ -45,8 +46,6 @@ def call_pipeline(pipe, prompts: list[str], *, steps: int = 1, guidance_scale: f
                   num_inference_steps: int | None = None, seed: int = 0, size=None, grad: bool = False,
                   pipe_kwargs: dict | None = None) -> None:
     """Run ``pipe(prompts, ...)`` up to the end of denoising step ``steps`` (or an earlier StopForward)."""
-    from .view import view_of
-
     view = view_of(pipe)
     den = getattr(view, view.denoiser)
     calls = {"n": 0}
@@ -125,8 +124,6 @@ def collect_diffusion(pipe, prompts, sites="norms", *, steps: int = 1, timestep_
         guidance_scale, num_inference_steps, size (``(height, width)``), pipe_kwargs: passed to the pipeline.
         seed: the latents' noise (each batch of prompts uses ``seed + batch index``).
     """
-    from .view import view_of
-
     prompts = check_texts(prompts, "prompts")
     if pooling not in POOLINGS:
         raise SteeringError(f"pooling={pooling!r}: diffusion sites pool as one of {POOLINGS}")

@@ -29,6 +29,9 @@ import torch
 from torch import nn
 
 from ..errors import SteeringError
+from ..sites import Site, check_sites, decoder_blocks, match_names
+from ..views import ModelView
+from .run import call_pipeline, collect_diffusion
 
 DENOISERS = ("unet", "transformer")
 TEXT_ENCODERS = ("text_encoder", "text_encoder_2", "text_encoder_3")
@@ -49,6 +52,11 @@ def as_model(obj):
     return view_of(obj) if is_pipeline(obj) else obj
 
 
+def pipeline_view(obj) -> "PipelineView | None":
+    """The adapter :mod:`lineas_fast.diffusion` registers with :func:`lineas_fast.views.register_view`."""
+    return view_of(obj) if is_pipeline(obj) else None
+
+
 def view_of(pipe) -> "PipelineView":
     view = pipe.__dict__.get(_CACHE)
     if view is None or not view.matches(pipe):
@@ -59,7 +67,7 @@ def view_of(pipe) -> "PipelineView":
     return view
 
 
-class PipelineView(nn.Module):
+class PipelineView(ModelView):
     """The denoiser and text encoders of ``pipe`` under one root (see the module docstring)."""
 
     is_pipeline_view = True
@@ -67,6 +75,7 @@ class PipelineView(nn.Module):
     def __init__(self, pipe):
         super().__init__()
         object.__setattr__(self, "pipe", pipe)  # not a submodule
+        object.__setattr__(self, "owner", pipe)
         comps = pipe.components
         self.denoiser = next((n for n in DENOISERS if isinstance(comps.get(n), nn.Module)), None)
         if self.denoiser is None:
@@ -87,8 +96,6 @@ class PipelineView(nn.Module):
     # ------------------------------------------------------------------ sites
     def resolve(self, sites) -> list[str]:
         """Preset (:data:`PRESETS`), regex, or list of site names → site strings in module order."""
-        from ..sites import Site, check_sites, match_names
-
         if isinstance(sites, str) and sites in PRESETS:
             out = self._preset(sites)
             if not out:
@@ -143,9 +150,32 @@ class PipelineView(nn.Module):
 
     def probe_run(self) -> None:
         """One cheap pipeline call (1 prompt, 1 denoising step, the smallest latent) for shape probes."""
-        from .run import call_pipeline
-
         call_pipeline(self.pipe, ["a"], steps=1, guidance_scale=1.0, size="probe")
+
+    def collect(self, texts, sites, *, pooling: str, batch_size: int, progress: bool) -> dict:
+        """:func:`~.run.collect_diffusion` with the pipeline options set by :meth:`options`."""
+        opts = dict(self.run_options)
+        opts["steps"] = opts.pop("denoise_steps", 1)
+        return collect_diffusion(self.pipe, texts, sites, pooling=pooling, batch_size=batch_size, progress=progress,
+                                 **opts)
+
+    def fit(self, method: str, fitter, tok, source, target, **kwargs):
+        """LinEAS through the pipeline's own call (:mod:`.lineas`); the local fitters through :meth:`collect`
+        with the pipeline options (:data:`RUN_OPTIONS`) taken out of ``kwargs``."""
+        if method == "lineas":
+            from .lineas import fit_lineas_pipeline
+
+            return fit_lineas_pipeline(self, source, target, **kwargs)
+        with self.options(**{k: kwargs.pop(k) for k in RUN_OPTIONS if k in kwargs}):
+            return fitter(self, tok, source, target, **kwargs)
+
+    def bake(self, steering, strength: float, refuse_clamped):
+        from .bake import bake_pipeline
+
+        return bake_pipeline(self.pipe, self, steering, strength, refuse_clamped)
+
+    def per_prompt_needs_hooks(self) -> bool:
+        return True  # the fused kernels expand rows for generate(), not for a CFG-doubled denoiser batch
 
     def forward(self, *args, **kwargs):
         raise SteeringError("a PipelineView is not callable: call the pipeline itself")
@@ -184,8 +214,6 @@ class PipelineView(nn.Module):
 
 
 def _text_norms(view: PipelineView, name: str) -> list[str]:
-    from ..sites import decoder_blocks
-
     encoder = getattr(view, name)
     try:
         prefix, blocks = decoder_blocks(encoder)

@@ -4,6 +4,7 @@ the model exactly as it found it."""
 from __future__ import annotations
 
 from ..errors import SteeringError
+from ..views import as_model, is_view
 from .act import fit_gaussian_ot, fit_linear_act, fit_linear_act_incremental, fit_mean_act
 from .actadd import fit_actadd
 from .lineas import DEFAULTS as LINEAS_DEFAULTS
@@ -29,9 +30,14 @@ def fit(model, tok, source, target, method: str = "lineas", **kwargs):
         method: ``"lineas"`` (end-to-end, default), ``"linear_act"``, ``"linear_act_incremental"``,
             ``"mean_act"``, ``"gaussian_ot"`` or ``"actadd"`` (see :mod:`lineas_fast.methods.act`).
         **kwargs: method options.
-            LinEAS: ``sites`` (preset/regex/list), ``pooling`` (mean|last|tokens), ``steps``, ``lr``, ``l1``,
-            ``group_l2`` (sparse group lasso), ``batch_size``, ``normalize`` (None|"var"), ``optimizer``
-            (adam|sgd), ``max_length``, ``seed``, ``progress``, ``fused`` (None: norm sites through the fused
+            LinEAS (defaults: :data:`lineas_fast.defaults.LINEAS`): ``sites`` (preset, presets joined by
+            ``+``, regex or list), ``pooling`` (mean|last|tokens), ``steps``, ``lr``, ``schedule``
+            (cosine|constant) and ``lr_end`` (the cosine ends at lr·lr_end), ``betas`` (Adam), ``l1``,
+            ``group_l2`` (sparse group lasso), ``batch_size`` (prompts per step), ``normalize``
+            (None|"var"), ``optimizer`` (adam|sgd), ``preserve`` (μ: weight of the term that keeps the target
+            prompts' own activations in place) and ``preserve_loss`` (paired: per token; wasserstein: as a
+            distribution), ``tol``/``window`` (the stopping rule, :func:`lineas_fast.methods.trainer.converged`),
+            ``max_length``, ``seed``, ``progress``, ``fused`` (None: norm sites through the fused
             op where a native kernel exists), ``autocast`` (bf16 autocast of the forward; the maps, pooling
             and loss stay fp32 — 1.18× faster steps on the demo task with losses within 0.1 %), ``compile``
             (True: the training forward runs with static packed shapes — prompts packed into fixed-width rows —
@@ -44,20 +50,11 @@ def fit(model, tok, source, target, method: str = "lineas", **kwargs):
             applied), ``max_length``, ``batch_size``, ``seed``, ``progress``.
             ActAdd: ``sites`` (default: the middle block's MLP output), ``multiplier``, ``pooling``, ...
     """
-    from ..diffusion.view import as_model
-
     if method not in METHODS:
         raise SteeringError(f"method={method!r}: available methods are {sorted(METHODS)}")
     model = as_model(model)
-    if getattr(model, "is_pipeline_view", False):
-        from ..diffusion.view import RUN_OPTIONS
-
-        if method == "lineas":
-            from ..diffusion.lineas import fit_lineas_pipeline
-
-            return fit_lineas_pipeline(model, source, target, **kwargs)
-        with model.options(**{k: kwargs.pop(k) for k in RUN_OPTIONS if k in kwargs}):
-            return METHODS[method](model, tok, source, target, **kwargs)
+    if is_view(model):  # e.g. a diffusers pipeline: the view fits its own way (lineas_fast.views)
+        return model.fit(method, METHODS[method], tok, source, target, **kwargs)
     return METHODS[method](model, tok, source, target, **kwargs)
 
 

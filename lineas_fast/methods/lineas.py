@@ -19,40 +19,15 @@ from types import SimpleNamespace
 import torch
 
 from ..collect import POOLINGS, collect, encode, model_device, pool, run_to_sites, tap
+from ..defaults import LINEAS as LINEAS_DEFAULTS
 from ..errors import SteeringError
 from ..sites import resolve_sites, site_widths
 from ..steering import Steering
 from .common import check_prompt_sets, model_meta
 from .lineas_compile import CompiledForward, compile_backend
-from .trainer import Recipe, Targets, site_slices, train_maps
+from .trainer import FrozenModel, Recipe, Targets, site_slices, train_maps
 
-# Picked by the protocol on the eval slice (docs/tuning.md has every point and its command): the MLP hidden
-# neurons (sparser, more feature-like than the residual basis the norms see), every token a sample, the
-# reference recipe's Adam betas and cosine decay, and a preservation term (preserve=4: the maps may move the
-# target prompts' own activations only at 4x the cost of not transporting the source) that keeps passage
-# PPL near +10 % at λ = 1. 40 steps of 12 + 12 prompts at lr 1e-2 fit in under 3 minutes on 2 CPU cores.
-DEFAULTS = dict(sites="mlp_hidden", pooling="tokens", steps=40, lr=1e-2, schedule="cosine", lr_end=1e-3,
-                betas=(0.9, 0.9), l1=0.0, group_l2=0.0, batch_size=12, normalize="var", optimizer="adam",
-                preserve=4.0, tol=0.0, window=20, max_length=64, seed=0, autocast=False, compile=False)
-
-
-class _FrozenModel:
-    """Context: model params stop requiring grad (no wasted weight grads); flags restored after."""
-
-    def __init__(self, model):
-        self.model = model
-
-    def __enter__(self):
-        self.flags = [(p, p.requires_grad) for p in self.model.parameters()]
-        self.training = self.model.training
-        for p, _ in self.flags:
-            p.requires_grad_(False)
-        self.model.eval()
-
-    def __exit__(self, *exc):
-        for p, flag in self.flags:
-            p.requires_grad_(flag)
-        self.model.train(self.training)
+DEFAULTS = LINEAS_DEFAULTS  # lineas_fast.defaults.LINEAS (plain data, shown by --help)
 
 
 class _TrainedNorms:
@@ -82,8 +57,7 @@ class _TrainedNorms:
 
     def bind(self, omega, shift) -> None:
         for s in self.fused:
-            m = self.model.get_submodule(s)
-            m.table_scale, m.table_shift = omega[self.slices[s]][None], shift[self.slices[s]][None]
+            self.patch.bind_tables(s, omega[self.slices[s]][None], shift[self.slices[s]][None])
 
     def __exit__(self, *exc):
         if self.patch is not None:
@@ -162,7 +136,8 @@ def fit_lineas(model, tok, source, target, *, sites=DEFAULTS["sites"], pooling=D
                steps=DEFAULTS["steps"], lr=DEFAULTS["lr"], schedule=DEFAULTS["schedule"],
                lr_end=DEFAULTS["lr_end"], betas=DEFAULTS["betas"], l1=DEFAULTS["l1"],
                group_l2=DEFAULTS["group_l2"], batch_size=DEFAULTS["batch_size"], normalize=DEFAULTS["normalize"],
-               optimizer=DEFAULTS["optimizer"], preserve=DEFAULTS["preserve"], tol=DEFAULTS["tol"],
+               optimizer=DEFAULTS["optimizer"], preserve=DEFAULTS["preserve"],
+               preserve_loss=DEFAULTS["preserve_loss"], tol=DEFAULTS["tol"],
                window=DEFAULTS["window"], max_length=DEFAULTS["max_length"], seed=DEFAULTS["seed"],
                micro_batch: int = 8, fused: bool | None = None, autocast: bool = DEFAULTS["autocast"],
                compile: bool | str = DEFAULTS["compile"], progress: bool = True) -> Steering:
@@ -172,7 +147,8 @@ def fit_lineas(model, tok, source, target, *, sites=DEFAULTS["sites"], pooling=D
         raise SteeringError(f"pooling={pooling!r}: expected one of {POOLINGS}")
     recipe = Recipe(steps=steps, lr=lr, schedule=schedule, lr_end=lr_end, betas=tuple(betas) if isinstance(
         betas, (list, tuple)) else betas, optimizer=optimizer, batch_size=batch_size, l1=l1, group_l2=group_l2,
-        normalize=normalize, preserve=preserve, tol=tol, window=window, seed=seed, autocast=autocast)
+        normalize=normalize, preserve=preserve, preserve_loss=preserve_loss, tol=tol, window=window, seed=seed,
+        autocast=autocast)
     recipe.validate()
     if isinstance(micro_batch, bool) or not isinstance(micro_batch, int) or micro_batch < 1:
         raise SteeringError(f"micro_batch={micro_batch!r}: expected an integer >= 1")
@@ -202,7 +178,7 @@ def fit_lineas(model, tok, source, target, *, sites=DEFAULTS["sites"], pooling=D
         per_step = min(batch_size, len(source)) + (min(batch_size, len(target)) if preserve > 0 else 0)
         forward = CompiledForward(model, tokens, site_list, slices, trained.fused, pooling=pooling,
                                   rows_for=per_step, pad_id=pad, backend=backend)
-    with _FrozenModel(model), trained:
+    with FrozenModel(model), trained:
         omega, shift, history = train_maps(_Bound(forward, trained), n_source=len(source), targets=targets,
                                            slices=slices, recipe=recipe, device=device, progress=progress)
     fit_seconds = time.perf_counter() - t0

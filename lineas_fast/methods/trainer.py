@@ -37,10 +37,11 @@ import torch
 from tqdm.auto import tqdm
 
 from ..errors import SteeringError
-from ..losses import column_weights, sorted_rows, wasserstein_loss_to
+from ..losses import column_weights, paired_loss, sorted_rows, wasserstein_loss_to
 from .prox import prox_sparse_group, step_sizes
 
 SCHEDULES = ("cosine", "constant")
+PRESERVE_LOSSES = ("paired", "wasserstein")
 OPTIMIZERS = ("adam", "sgd")
 
 
@@ -59,6 +60,7 @@ class Recipe:
     group_l2: float = 0.0
     normalize: str | None = "var"
     preserve: float = 0.0
+    preserve_loss: str = "wasserstein"
     tol: float = 0.0
     window: int = 20
     seed: int = 0
@@ -93,6 +95,8 @@ class Recipe:
         if self.normalize not in (None, "none", "var"):
             bad("normalize", "expected None or 'var'")
         number("preserve", lambda v: v >= 0, "expected a finite number >= 0")
+        if self.preserve_loss not in PRESERVE_LOSSES:
+            bad("preserve_loss", f"expected one of {PRESERVE_LOSSES}")
         number("tol", lambda v: v >= 0, "expected a finite number >= 0 (0: no early stop)")
         if isinstance(self.window, bool) or not isinstance(self.window, int) or self.window < 1:
             bad("window", "expected an integer >= 1")
@@ -149,6 +153,25 @@ class Targets:
         return cls(v, [idx[a:b] for a, b in zip(starts, starts[1:])])
 
 
+class FrozenModel:
+    """Context for a fit: model params stop requiring grad (no wasted weight grads); flags restored after."""
+
+    def __init__(self, model):
+        self.model = model
+
+    def __enter__(self):
+        self.flags = [(p, p.requires_grad) for p in self.model.parameters()]
+        self.training = self.model.training
+        for p, _ in self.flags:
+            p.requires_grad_(False)
+        self.model.eval()
+
+    def __exit__(self, *exc):
+        for p, flag in self.flags:
+            p.requires_grad_(flag)
+        self.model.train(self.training)
+
+
 def train_maps(forward, *, n_source: int, targets: Targets, slices: dict, recipe: Recipe, device,
                progress: bool = True, desc: str = "LinEAS") -> tuple[torch.Tensor, torch.Tensor, dict]:
     """Run the LinEAS loop; returns the trained flat ``(omega, shift)`` and the training history.
@@ -202,8 +225,13 @@ def train_maps(forward, *, n_source: int, targets: Targets, slices: dict, recipe
             transport = wasserstein_loss_to(z[is_src], vt_sorted, weights)
             loss = transport
             if tgt:
-                ref = v[torch.cat([targets.rows_of[j] for j in tgt]).to(device)]
-                kept = wasserstein_loss_to(z[~is_src], sorted_rows(ref), weights)
+                # the same target prompts unsteered, row for row in the forward's order
+                order = torch.unique_consecutive(owner[~is_src]).tolist()
+                ref = v[torch.cat([targets.rows_of[j - n_source] for j in order]).to(device)]
+                if recipe.preserve_loss == "paired":
+                    kept = paired_loss(z[~is_src], ref, weights)
+                else:
+                    kept = wasserstein_loss_to(z[~is_src], sorted_rows(ref), weights)
                 loss = transport + recipe.preserve * kept
             t_loss = time.perf_counter()
             opt.zero_grad(set_to_none=True)

@@ -1,7 +1,8 @@
 """Custom ops (``torch.ops.lineas.*``): schemas, fake (meta) implementations, autograd, and the pure-torch
-fallback. Device kernels register themselves for the same names: C++ CPU kernels from ``csrc/`` (loaded
-with ``lineas_fast._C``), Triton kernels from ``lineas_fast.kernels`` for CUDA tensors. Semantics of the
-steering-table arguments: :mod:`lineas_fast.ops.reference`.
+fallback. Device kernels for the same names (C++ CPU kernels from ``lineas_fast._C``, CUDA kernels from
+``lineas_fast._C_cuda``, Triton launchers from ``lineas_fast.kernels``) are loaded and chosen by the backend
+registry, :mod:`lineas_fast.backends`. Semantics of the steering-table arguments:
+:mod:`lineas_fast.ops.reference`.
 
 * ``lineas::norm_affine(x, weight?, bias?, eps, kind, weight_offset, scale, shift, ids, strength, nrows)``
   — LayerNorm (kind 0) / RMSNorm (kind 1, Gemma: weight_offset 1) followed by per-row steering.
@@ -118,51 +119,11 @@ __all__ = ["SCHEMAS", "norm_affine", "norm_affine_backward", "reference", "steer
            "steered_linear_backward"]
 
 
-def _load_cpu_kernels() -> str | None:
-    """Load the C++ extension (its TORCH_LIBRARY_IMPL registrations give the ops CPU kernels); the
-    reason it is unavailable, or None."""
-    try:
-        from .. import _C  # noqa: F401
-    except ImportError as e:
-        return f"lineas_fast._C not importable ({e})"
-    return None
+# Native kernels for the same names, in precedence order (C++ CPU, CUDA extension, Triton for the CUDA keys
+# the extension leaves empty): the backend registry loads them and records who serves what.
+from .loader import install  # noqa: E402
 
-
-CPU_KERNELS_MISSING = _load_cpu_kernels()
-
-
-def _load_cuda_kernels() -> str | None:
-    """Load the CUDA extension (its TORCH_LIBRARY_IMPL registrations give the ops CUDA kernels, which take
-    precedence over Triton: it must load before ``_load_gpu_kernels``); the reason it is unavailable, or None."""
-    if not torch.cuda.is_available():
-        return "no CUDA device"
-    try:
-        from .. import _C_cuda  # noqa: F401
-    except ImportError as e:
-        return f"lineas_fast._C_cuda not importable ({e})"
-    return None
-
-
-CUDA_KERNELS_MISSING = _load_cuda_kernels()  # order: CPU kernels, CUDA extension, then Triton (below)
-
-
-def _load_gpu_kernels() -> str | None:
-    """Register the Triton launchers as the ops' CUDA implementation where a GPU and triton exist
-    (a CUDA-extension kernel, when built, takes precedence); the reason they are not, or None."""
-    if not torch.cuda.is_available():
-        return "no CUDA device"
-    from ..kernels import available
-
-    ok, why = available()
-    if not ok or "interpreter" in why:
-        return why
-    from ..kernels import norm_affine_bwd, norm_affine_fwd, steered_linear_bwd, steered_linear_fwd
-
-    for name, fn in (("norm_affine", norm_affine_fwd), ("norm_affine_backward", norm_affine_bwd),
-                     ("steered_linear", steered_linear_fwd), ("steered_linear_backward", steered_linear_bwd)):
-        if not torch._C._dispatch_has_kernel_for_dispatch_key(f"lineas::{name}", "CUDA"):
-            _lib.impl(name, fn, "CUDA")
-    return None
-
-
-GPU_KERNELS_MISSING = _load_gpu_kernels()
+_missing = install(_lib, tuple(SCHEMAS))
+CPU_KERNELS_MISSING = _missing["cpp"]  # why lineas_fast._C is not loaded, or None
+CUDA_KERNELS_MISSING = _missing["cuda"]  # why lineas_fast._C_cuda is not loaded, or None
+GPU_KERNELS_MISSING = _missing["triton"]  # why the Triton launchers are not registered for CUDA, or None

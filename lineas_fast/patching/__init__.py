@@ -6,13 +6,16 @@ affected (hooks and folds are per instance).
 
 from __future__ import annotations
 
+import math
+import numbers
 from contextlib import contextmanager
 
 import torch
 
 from ..errors import SteeringError
 from ..steering import Steering
-from .fold import bake_plan_flags, fold_into, plan_fold
+from ..views import as_model, is_view, view_of
+from .fold import WeightEditor, bake_plan_flags, plan_fold
 from .handle import ATTR, SteerHandle
 
 MODES = ("fused", "hooks", "fold")
@@ -69,8 +72,6 @@ def steer_(model, steering, strength=1.0, mode: str | None = None, backend: str 
     Returns:
         a :class:`SteerHandle` (``set_strength``, ``route``, ``remove``; also a context manager).
     """
-    from ..diffusion.view import as_model
-
     steerings = _normalise(steering)
     model = as_model(model)
     if getattr(model, ATTR, None) is not None:
@@ -79,7 +80,7 @@ def steer_(model, steering, strength=1.0, mode: str | None = None, backend: str 
 
     rows = _as_strength(strength).numel()  # raises on NaN/inf/empty before anything changes
     # a pipeline's per-prompt rows need the CFG-aware expansion of hooks (see SteerHandle)
-    per_prompt = getattr(model, "is_pipeline_view", False) and (rows > 1 or len(steerings) > 1)
+    per_prompt = is_view(model) and model.per_prompt_needs_hooks() and (rows > 1 or len(steerings) > 1)
     if mode is None:
         mode = "fused" if fused_available(model, steerings) is None and not per_prompt else "hooks"
     if mode not in MODES:
@@ -119,6 +120,36 @@ def steered(model, steering, strength=1.0, mode: str | None = None, backend: str
         handle.remove()
 
 
+def _bake_strength(strength) -> float:
+    """``bake``'s strength as a float: one finite real number (a Python/NumPy real, or a real tensor of one
+    element); NaN, ±inf, complex, bool, strings and tensors of other sizes raise :class:`SteeringError`."""
+    value = strength
+    if isinstance(strength, torch.Tensor):
+        if strength.numel() != 1 or strength.dtype == torch.bool or strength.is_complex() or strength.is_meta:
+            raise SteeringError(f"bake(strength={strength!r}): expected one finite real number, got a "
+                                f"{strength.dtype} tensor of shape {tuple(strength.shape)}")
+        value = strength.detach().cpu().item()
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise SteeringError(f"bake(strength={strength!r}): expected a finite real number, "
+                            f"got {type(strength).__name__}")
+    value = float(value)
+    if not math.isfinite(value):
+        raise SteeringError(f"bake(strength={strength!r}): strength must be finite")
+    return value
+
+
+def _refuse_unmaterialised(model, modules) -> None:
+    """A parameter on the meta device has no values to fold: refuse before anything changes."""
+    for name in sorted(modules):
+        for pname, p in model.get_submodule(name).named_parameters(recurse=False):
+            if p.is_meta:
+                raise SteeringError(f"cannot bake: parameter {name}.{pname} is on the meta device (not "
+                                    f"materialised); load the model's weights first")
+
+
+_ABSENT = object()
+
+
 def bake(model, steering: Steering, strength: float = 1.0):
     """Fold a steering into the weights for good, so ``model.save_pretrained()`` writes a plain HF
     checkpoint that stock transformers reloads with the steered outputs.
@@ -126,38 +157,55 @@ def bake(model, steering: Steering, strength: float = 1.0):
     RMSNorm shifts need biases on the consuming Linear layers: the config flag that gives them one
     (e.g. ``attention_bias``/``mlp_bias``) is set and every Linear it governs gets an explicit (zero)
     bias. Refuses, naming the sites and leaving the model untouched, where no flag can express it.
+    ``strength`` must be one finite real number (checked before anything changes). The edit is all or
+    nothing: should any step fail, every weight, created bias and config flag is put back bit-exactly
+    and the error re-raised.
     A diffusers pipeline is baked in its existing parameters only (``pipe.save_pretrained()`` then
     reloads in stock diffusers); a site needing a parameter its module lacks is refused.
     Returns the model (or pipeline).
     """
-    from ..diffusion.view import as_model, is_pipeline
-
     if not isinstance(steering, Steering):
         raise SteeringError(f"bake() takes one Steering, got {type(steering).__name__}")
-    if is_pipeline(model):
-        from ..diffusion.bake import bake_pipeline
-
-        return bake_pipeline(model, as_model(model), steering, strength, _refuse_clamped)
+    lam = _bake_strength(strength)
+    view = view_of(model)
+    if view is not None:  # e.g. a diffusers pipeline: bakes into its own parameters (lineas_fast.views)
+        return view.bake(steering, lam, _refuse_clamped)
     if getattr(model, ATTR, None) is not None:
         raise SteeringError("model is currently steered: remove() the handle before baking")
     steering.check_model(model)
     _refuse_clamped(steering, "bake()")
-    lam = float(strength)
     coeffs = {s: (1 - lam + lam * steering.scale[s], lam * steering.shift[s]) for s in steering.sites}
     steps = plan_fold(model, steering.sites, {s: bool(c.any()) for s, (_, c) in coeffs.items()})
     flags = bake_plan_flags(model, steps, coeffs)
-    from ..sites import decoder_blocks
+    biased = []  # Linear modules the flags govern (each gets a bias)
+    if flags:
+        from ..sites import decoder_blocks
 
-    prefix, blocks = decoder_blocks(model)
-    with torch.no_grad():
-        for flag, group in flags.items():
-            setattr(model.config, flag, True)
-            for i in range(len(blocks)):
-                for rel in group:
-                    lin = model.get_submodule(f"{prefix}.{i}.{rel}")
-                    if lin.bias is None:
-                        w = lin.weight
-                        out_dim = w.shape[1] if type(lin).__name__ == "Conv1D" else w.shape[0]
-                        lin.bias = torch.nn.Parameter(w.new_zeros(out_dim))
-    fold_into(model, steering.sites, steering.scale, steering.shift, lam)
+        prefix, blocks = decoder_blocks(model)
+        biased = [f"{prefix}.{i}.{rel}" for group in flags.values() for i in range(len(blocks)) for rel in group]
+    _refuse_unmaterialised(model, {st.module for st in steps} | {c for st in steps for c in st.consumers}
+                           | set(biased))
+    editor, config_before = WeightEditor(model), {}
+    try:
+        with torch.no_grad():
+            for flag in flags:
+                config_before.setdefault(flag, getattr(model.config, flag, _ABSENT))
+                setattr(model.config, flag, True)
+            for name in biased:
+                lin = model.get_submodule(name)
+                if lin.bias is None:
+                    w = lin.weight
+                    out_dim = w.shape[1] if type(lin).__name__ == "Conv1D" else w.shape[0]
+                    editor.saved.setdefault((name, "bias"), None)  # restore() removes it again
+                    lin.bias = torch.nn.Parameter(w.new_zeros(out_dim))
+            for step in reversed(steps):  # as fold_into: downstream first, so stacked folds compose
+                editor.apply(step, *coeffs[step.site])
+    except BaseException:
+        editor.restore()
+        for flag, old in config_before.items():
+            if old is _ABSENT:
+                delattr(model.config, flag)
+            else:
+                setattr(model.config, flag, old)
+        raise
     return model

@@ -11,6 +11,9 @@ CUDA graph) stays valid. The replacement shares the original's weight/bias Param
 ``state_dict`` keys and tensors; its own buffers are non-persistent), and ``remove()`` puts the original
 module object back.
 
+The implementation behind each stand-in is chosen once, at patch time, by the backend registry
+(:func:`lineas_fast.backends.resolve_backend`, re-exported here).
+
 Sites the fused runtime does not cover (support-clamped maps, modules that are neither a known norm nor
 a Linear, a second site on a Linear that already carries one) fall back to hooks, with one warning line
 naming them.
@@ -52,48 +55,8 @@ def norm_spec(model, spec: str):
     return None
 
 
-BACKENDS = ("torch", "cpp", "triton", "cuda")
-
-
-def resolve_backend(backend: str | None, device: torch.device):
-    """The ``(norm_affine, steered_linear)`` implementations for ``device``, chosen once at patch time.
-
-    None: the ``lineas::norm_affine`` op, whose dispatch picks the native kernel registered for the
-    device (C++ on CPU, Triton on CUDA) or the pure-torch reference. ``"triton"``: the Triton forward
-    launchers themselves (``norm_affine_fwd``, ``steered_linear_fwd``; inference, no autograd). An explicit
-    backend that cannot run here raises :class:`SteeringError` saying why.
-    """
-    from .. import ops
-    from ..backends import env_report
-
-    if backend is None:
-        return ops.norm_affine, ops.steered_linear
-    if backend not in BACKENDS:
-        raise SteeringError(f"backend={backend!r}: expected None or one of {BACKENDS}")
-    if backend == "torch":
-        return ops.reference.norm_affine, ops.reference.steered_linear
-    if backend == "cpp":
-        if device.type != "cpu":
-            raise SteeringError(f"backend='cpp' runs on CPU tensors, the model is on {device}")
-        info = env_report()["cpp"]
-        if not info["usable"]:
-            raise SteeringError(f"backend='cpp' is unusable here: {info['why']}")
-        return ops.norm_affine, ops.steered_linear
-    if backend == "triton":
-        from ..kernels import available
-
-        ok, why = available()
-        if not ok:
-            raise SteeringError(f"backend='triton' is unusable here: {why}")
-        if device.type == "cpu" and "interpreter" not in why:
-            raise SteeringError("backend='triton' on CPU tensors needs TRITON_INTERPRET=1 (tests only)")
-        from ..kernels import norm_affine_fwd, steered_linear_fwd
-
-        # the bare forward launchers: inference only (no autograd through them)
-        return norm_affine_fwd, steered_linear_fwd
-    info = env_report()["cuda"]
-    raise SteeringError(f"backend='cuda' is unusable here: {info['why']}" if not info["usable"] else
-                        "backend='cuda': the CUDA extension has no norm_affine kernel yet; use 'triton'")
+# The backend registry decides (lineas_fast.backends); re-exported here for ``patching`` and old imports.
+from ..backends import BACKENDS, Unavailable, resolve_backend  # noqa: E402,F401
 
 
 def _is_linear(m: nn.Module) -> bool:
@@ -239,23 +202,26 @@ class FusedPatch:
 
     def __init__(self, model, sites: list[str], tables, backend: str | None = None):
         self.model, self.originals, self.routings = model, {}, {}
-        fns = {}
-        for spec in sites:  # resolve every backend before touching the model
+        fns, plan = {}, []
+        for spec in sites:  # resolve every site's implementation before touching the model
             device = tables.scale[spec].device
             if device not in fns:
                 fns[device] = resolve_backend(backend, device)
-        for spec in sites:
-            device = tables.scale[spec].device
-            routing = self.routings.setdefault(device, Routing(device))
             norm = norm_spec(model, spec)
+            fn = fns[device][0 if norm is not None else 1]
+            if isinstance(fn, Unavailable):  # an explicit backend without this op (e.g. 'cuda', Linear sites)
+                raise SteeringError(f"site {spec!r}: {fn.message}")
+            plan.append((spec, device, norm, fn))
+        for spec, device, norm, fn in plan:
+            routing = self.routings.setdefault(device, Routing(device))
             if norm is not None:
                 name = spec
                 module = model.get_submodule(name)
-                new = FusedNorm(module, *norm, tables.scale[spec], tables.shift[spec], routing, fns[device][0])
+                new = FusedNorm(module, *norm, tables.scale[spec], tables.shift[spec], routing, fn)
             else:
                 name, where = linear_spec(model, spec)
                 module = model.get_submodule(name)
-                new = FusedLinear(module, where, tables.scale[spec], tables.shift[spec], routing, fns[device][1])
+                new = FusedLinear(module, where, tables.scale[spec], tables.shift[spec], routing, fn)
             parent, child = _parent(model, name)
             self.originals[spec] = (parent, child, module)
             setattr(parent, child, new)
@@ -263,6 +229,13 @@ class FusedPatch:
     def set_rows(self, ids: torch.Tensor, strength: torch.Tensor) -> None:
         for routing in self.routings.values():
             routing.set(ids, strength)
+
+    def bind_tables(self, spec: str, scale: torch.Tensor, shift: torch.Tensor) -> None:
+        """Make site ``spec`` read new ``[K, d]`` tables (e.g. a fit's live parameters, so gradients reach
+        them); ``set_strength``/``route`` keep writing into the routing buffers only."""
+        parent, child, _ = self.originals[spec]
+        stand_in = getattr(parent, child)
+        stand_in.table_scale, stand_in.table_shift = scale, shift
 
     def remove(self) -> None:
         for parent, child, module in self.originals.values():

@@ -11,6 +11,7 @@ from .fold import fold_into
 from .fused import FusedPatch, plan_fused
 from .hooks import install_hooks
 from .tables import SteeringTables
+from ..views import is_view
 
 ATTR = "_lineas_fast_handle"  # set on a patched model instance; patching twice raises
 
@@ -31,7 +32,7 @@ class SteerHandle:
         if mode in ("hooks", "fused"):
             devices = {s: _site_device(model, s) for s in self.sites}
             self.tables = SteeringTables(steerings, self.sites, devices)
-            if getattr(model, "is_pipeline_view", False):  # CFG-doubled denoiser batches follow their prompt
+            if is_view(model):  # e.g. CFG-doubled denoiser batches follow their prompt (lineas_fast.views)
                 self.tables.row_index = model.row_index
             hooked = self.sites
             if mode == "fused":

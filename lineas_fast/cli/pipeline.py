@@ -1,12 +1,14 @@
-"""The ``--pipeline`` side of ``lineas-fast fit`` and ``lineas-fast generate`` (argument handling only;
-the work is in :mod:`lineas_fast.diffusion.lineas`, :mod:`~lineas_fast.diffusion.run` and
-:mod:`~lineas_fast.diffusion.grid`)."""
+"""The ``--pipeline`` side of ``lineas-fast fit`` and ``lineas-fast generate``: argument handling only
+(the options themselves are :func:`lineas_fast.cli.common.pipeline_args`; the work is in
+:mod:`lineas_fast.diffusion.lineas`, :mod:`~lineas_fast.diffusion.run` and :mod:`~lineas_fast.diffusion.grid`,
+imported when called)."""
 
 from __future__ import annotations
 
 import inspect
 
 from ..errors import SteeringError
+from .common import load_steering, say, strengths
 
 
 def parse_size(text: str | None):
@@ -24,8 +26,8 @@ def parse_size(text: str | None):
 def pipeline_fit_options(args) -> tuple[set, dict]:
     """The option names ``--method`` accepts on a pipeline, and the pipeline-call options to pass."""
     from ..methods import METHODS
-    from .lineas import fit_lineas_pipeline
-    from .view import RUN_OPTIONS
+    from ..diffusion.lineas import fit_lineas_pipeline
+    from ..diffusion.view import RUN_OPTIONS
 
     if args.max_length is not None or args.autocast:
         raise SteeringError("--max-length/--autocast apply to language models, not to --pipeline")
@@ -35,19 +37,19 @@ def pipeline_fit_options(args) -> tuple[set, dict]:
     return accepted, {k: v for k, v in opts.items() if v is not None}
 
 
-def cmd_generate_pipeline(args) -> int:
-    from ..cli import _load_steering, _say, _strengths
-    from .grid import load_pipeline, save_grid, strength_grid
+def run_generate(args) -> int:
+    """``generate --pipeline``: a PNG grid, one row per prompt and one column per strength."""
+    from ..diffusion.grid import load_pipeline, save_grid, strength_grid
 
     prompts = list(args.prompt) + list(args.prompts_opt)
     if not prompts:
         raise SteeringError("generate --pipeline: give at least one --prompt")
-    strengths = _strengths(args.strengths)
-    st = _load_steering(args.steering)
+    columns = strengths(args.strengths)
+    st = load_steering(args.steering)
     pipe = load_pipeline(args.pipeline, args.device, args.dtype)
     pipe.set_progress_bar_config(disable=True)
-    images = strength_grid(pipe, st, prompts, strengths, num_inference_steps=args.num_inference_steps,
+    images = strength_grid(pipe, st, prompts, columns, num_inference_steps=args.num_inference_steps,
                            guidance_scale=args.guidance_scale, seed=args.seed, size=parse_size(args.size))
-    path = save_grid(images, prompts, strengths, args.out)
-    _say(f"saved {path}: {len(prompts)} prompt row(s) x {len(strengths)} strength column(s) {strengths}")
+    path = save_grid(images, prompts, columns, args.out)
+    say(f"saved {path}: {len(prompts)} prompt row(s) x {len(columns)} strength column(s) {columns}")
     return 0

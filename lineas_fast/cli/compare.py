@@ -1,0 +1,116 @@
+"""``lineas-fast eval --methods``: the method comparison (its options are defined with ``eval`` in
+:mod:`lineas_fast.cli.eval`), the parsing of ``--sparsity`` and ``--variant``, and :func:`run`, which
+fits and evaluates every method with :func:`lineas_fast.evaluate.compare` and writes a results folder."""
+
+from __future__ import annotations
+
+import inspect
+import sys
+import time
+
+from ..defaults import DEFAULT_MODEL
+from ..errors import SteeringError
+from .common import load_model, positive, say, secs, strengths
+
+
+def sparsity_arg(text: str) -> dict:
+    grid = {}
+    for part in text.split(","):
+        key, _, val = part.partition("=")
+        key = key.strip().replace("-", "_")
+        if key not in ("l1", "group_l2") or not val:
+            raise SteeringError(f"--sparsity {text!r}: expected l1=X and/or group_l2=Y, e.g. l1=30,group_l2=1")
+        try:
+            grid[key] = float(val)
+        except ValueError:
+            raise SteeringError(f"--sparsity {text!r}: {val!r} is not a number") from None
+        if grid[key] < 0:
+            raise SteeringError(f"--sparsity {text!r}: {key} must be >= 0")
+    return grid
+
+
+def value(text: str):
+    low = text.strip().lower()
+    if low in ("true", "false"):
+        return low == "true"
+    if low == "none":
+        return None
+    for cast in (int, float):
+        try:
+            return cast(text)
+        except ValueError:
+            pass
+    return text.strip()
+
+
+def variant_arg(text: str, methods) -> tuple:
+    """``LABEL=METHOD[:key=value,...]`` → ``(label, method, kwargs)``."""
+    label, _, rest = text.partition("=")
+    method, _, opts = rest.partition(":")
+    label, method = label.strip(), method.strip()
+    if not label or method not in methods:
+        raise SteeringError(f"--variant {text!r}: expected LABEL=METHOD[:key=value,...] with METHOD one of "
+                            f"{', '.join(methods)}")
+    kwargs = {}
+    for part in filter(None, (x.strip() for x in opts.split(","))):
+        key, eq, val = part.partition("=")
+        if not eq:
+            raise SteeringError(f"--variant {text!r}: {part!r} is not key=value")
+        kwargs[key.strip()] = value(val)
+    accepted = inspect.signature(methods[method]).parameters
+    wrong = [k for k in kwargs if k not in accepted]
+    if wrong:
+        raise SteeringError(f"--variant {text!r}: {wrong[0]!r} is not an option of method {method}")
+    return label, method, kwargs
+
+
+def run(args) -> int:
+    """``eval --methods``: the method comparison, written as a results folder."""
+    import shlex
+
+    from .. import evaluate, report
+    from ..data import load_texts, wiki_passages
+    from ..methods import METHODS
+
+    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    variants = [variant_arg(v, METHODS) for v in args.variant]
+    extra = {}
+    for text in args.method_strengths:
+        label, _, values = text.partition("=")
+        extra[label.strip()] = strengths(values)
+    unknown = [m for m in methods if m not in METHODS]
+    if unknown or not methods:
+        raise SteeringError(f"--methods: unknown method(s) {unknown} (available: {', '.join(METHODS)})")
+    if not args.out:
+        raise SteeringError("--methods needs --out DIR (the results folder; rerunning resumes it)")
+    if args.steering is not None:
+        raise SteeringError("give either --steering or --methods, not both")
+    lams = strengths(args.strengths or "0,0.25,0.5,0.75,1")
+    multipliers = strengths(args.multipliers) if "actadd" in methods else []
+    sparsity = [sparsity_arg(x) for x in args.sparsity]
+    positive("--prompts", args.prompts)
+    positive("--passages", args.passages)
+    positive("--steps", args.steps)
+    src, tgt = load_texts(args.source, "fit"), load_texts(args.target, "fit")
+    prompts = load_texts(args.prompt_set, "eval")[:args.prompts]
+    model, tok = load_model(args.model or DEFAULT_MODEL)
+    passages = wiki_passages(tok, "eval")[:args.passages]
+    if not passages:
+        raise SteeringError("no WikiText passages to score (the tokenizer produced none)")
+    fit_kwargs = {"lineas": {"steps": args.steps}} if args.steps else {}
+    say(f"comparing {', '.join(methods)} on {len(src)} vs {len(tgt)} fit prompts; evaluating strengths "
+        f"{lams} on {len(prompts)} prompts and {len(passages)} passages"
+        + (f"; LinEAS sparsity sweep {sparsity}" if sparsity else ""))
+    t0 = time.perf_counter()
+    result = evaluate.compare(methods + variants, lams, extra_strengths=extra, model=model, tok=tok, source=src,
+                              target=tgt, prompts=prompts, passages=passages, fit_kwargs=fit_kwargs,
+                              multipliers=multipliers, sparsity=sparsity, out_dir=args.out, progress=True, log=say)
+    command = "lineas-fast " + " ".join(shlex.quote(a) for a in sys.argv[1:]) if sys.argv[1:] else None
+    paths = evaluate.write_comparison(result, args.out, command=command)
+    best = evaluate.best_at_budget(result)
+    say("\nbest point per method with ΔPPL ≤ +10% and degenerate ≤ 5%:")
+    from ..evaluate.write import table_row
+
+    say(report.format_table([table_row(result, r) for r in best]) if best else "(none within budget)")
+    say(f"comparison took {secs(t0):.1f} s; wrote " + ", ".join(str(p) for p in paths))
+    return 0

@@ -1,0 +1,133 @@
+"""``lineas-fast fit``: its options (the LinEAS defaults shown come from :data:`lineas_fast.defaults.LINEAS`)
+and :func:`run`, which fits a steering with :func:`lineas_fast.fit` and saves it (``--pipeline``: on a
+diffusers pipeline, see :mod:`lineas_fast.cli.pipeline`)."""
+
+from __future__ import annotations
+
+import inspect
+import time
+from pathlib import Path
+
+from ..defaults import DEFAULT_MODEL, METHOD_NAMES
+from ..defaults import LINEAS as D
+from ..errors import SteeringError
+from .common import load_model, pipeline_args, say, secs, sites_arg
+
+
+def add_parser(sub, common, fmt) -> None:
+    f = sub.add_parser(
+        "fit", parents=[common], formatter_class=fmt,
+        help="fit a steering and save it as a .safetensors file",
+                       description="Fit a steering from unpaired source → target prompt sets and save it. "
+                                   "Options left out use the method's library defaults (shown for LinEAS).")
+    f.add_argument("--source", default="toxic", metavar="toxic|PATH",
+                   help="source prompts: a built-in set ('toxic', 'nontoxic', 'wiki': its fit slice, 32 rows), a "
+                        ".jsonl file (field 'text') or a text file (one prompt per line) [default: toxic]")
+    f.add_argument("--target", default="nontoxic", metavar="nontoxic|PATH",
+                   help="target prompts, as --source [default: nontoxic — non-toxic sentence beginnings in the "
+                        "toxic prompts' register, see docs/tuning.md]")
+    f.add_argument("--out", required=True, metavar="FILE", help="steering file to write (.safetensors)")
+    f.add_argument("--model", default=DEFAULT_MODEL, help="embedded model name or a local HF checkpoint folder")
+    f.add_argument("--method", default="lineas", choices=list(METHOD_NAMES),
+                   help="fitting method: LinEAS (end to end) or a per-site baseline of the AcT family / ActAdd")
+    f.add_argument("--sites", nargs="+", default=None, metavar="SITE",
+                   help=f"a preset (norms, post_norms, mlp_out, attn_out, mlp_hidden), a regex, or several module "
+                        f"names (':k' = tuple output k, ':in' = input) [lineas default: {D['sites']}]")
+    f.add_argument("--pooling", default=None, choices=["mean", "last", "tokens"],
+                   help=f"how site activations are pooled per prompt [default: {D['pooling']}]")
+    f.add_argument("--steps", type=int, default=None, metavar="S", help=f"LinEAS steps [default: {D['steps']}]")
+    f.add_argument("--lr", type=float, default=None, metavar="RATE", help=f"LinEAS learning rate [default: {D['lr']}]")
+    f.add_argument("--schedule", default=None, choices=["cosine", "constant"],
+                   help=f"LinEAS learning-rate schedule: cosine decay to lr·lr-end over --steps [default: "
+                        f"{D['schedule']}]")
+    f.add_argument("--lr-end", type=float, default=None, metavar="F",
+                   help=f"LinEAS: the cosine ends at lr·F [default: {D['lr_end']}]")
+    f.add_argument("--preserve", type=float, default=None, metavar="μ",
+                   help=f"LinEAS: weight of the term that keeps the target prompts' activations in place (0: "
+                        f"off) [default: {D['preserve']}]")
+    f.add_argument("--preserve-loss", default=None, choices=["paired", "wasserstein"],
+                   help=f"LinEAS: how the preservation term measures the move of the target prompts' activations: "
+                        f"per token (paired) or as a distribution (wasserstein) [default: {D['preserve_loss']}]")
+    f.add_argument("--tol", type=float, default=None, metavar="T",
+                   help=f"LinEAS stopping rule: stop when a window's mean loss improves by less than T "
+                        f"(relative; 0: run every step) [default: {D['tol']}]")
+    f.add_argument("--window", type=int, default=None, metavar="W",
+                   help=f"LinEAS stopping rule: steps per window [default: {D['window']}]")
+    f.add_argument("--l1", type=float, default=None, metavar="λ1",
+                   help=f"sparse-group-lasso l1 (neurons) [default: {D['l1']}]")
+    f.add_argument("--group-l2", type=float, default=None, metavar="λG",
+                   help=f"sparse-group-lasso group weight (whole sites) [default: {D['group_l2']}]")
+    f.add_argument("--normalize", default=None, choices=["none", "var"],
+                   help=f"W-loss column normalisation [default: {D['normalize']}]")
+    f.add_argument("--optimizer", default=None, choices=["adam", "sgd"],
+                   help=f"optimizer of the LinEAS steps [default: {D['optimizer']}]")
+    f.add_argument("--batch-size", type=int, default=None, metavar="N",
+                   help=f"source prompts per step [default: {D['batch_size']}]")
+    f.add_argument("--max-length", type=int, default=None, metavar="T",
+                   help=f"tokens per prompt [default: {D['max_length']}]")
+    f.add_argument("--seed", type=int, default=None, metavar="N", help=f"random seed [default: {D['seed']}]")
+    f.add_argument("--support", default=None, metavar="q_LO_HI",
+                   help="AcT family: apply the map only strictly inside the source's LO–HI percentile range per "
+                        "neuron, e.g. q_0_100 (stored in the artifact; such maps cannot be folded or baked)")
+    f.add_argument("--incremental", action="store_true",
+                   help="AcT family: fit sites in model order with the earlier maps applied")
+    f.add_argument("--multiplier", type=float, default=None, metavar="M",
+                   help="actadd: scale of the mean difference [default: 1]")
+    f.add_argument("--autocast", action="store_true",
+                   help="lineas: run the model forward under bf16 autocast (maps, pooling and loss stay fp32)")
+    f.add_argument("--compile", action="store_true",
+                   help="lineas: compile the training step (torch.compile of the decoder blocks, static packed "
+                        "shapes; the first step pays the compilation)")
+    pipeline_args(f, fit=True)
+    f.set_defaults(func=run)
+
+
+def run(args) -> int:
+    import lineas_fast as lf
+
+    from ..data import load_texts
+    from ..methods import METHODS
+
+    src = load_texts(args.source, "fit")
+    tgt = load_texts(args.target, "fit")
+    if args.pipeline:
+        from .pipeline import pipeline_fit_options
+
+        accepted, pipe_opts = pipeline_fit_options(args)
+    else:
+        accepted, pipe_opts = None, {}
+    given = {"sites": sites_arg(args.sites), "pooling": args.pooling, "steps": args.steps, "lr": args.lr,
+             "l1": args.l1, "group_l2": args.group_l2, "seed": args.seed, "normalize": args.normalize,
+             "schedule": args.schedule, "lr_end": args.lr_end, "preserve": args.preserve,
+             "preserve_loss": args.preserve_loss, "tol": args.tol,
+             "window": args.window,
+             "optimizer": args.optimizer, "batch_size": args.batch_size, "max_length": args.max_length,
+             "support": args.support, "incremental": args.incremental or None, "multiplier": args.multiplier,
+             "autocast": args.autocast or None, "compile": args.compile or None}
+    kwargs = {k: v for k, v in given.items() if v is not None}
+    if kwargs.get("normalize") == "none":
+        kwargs["normalize"] = None
+    if accepted is None:
+        accepted = inspect.signature(METHODS[args.method]).parameters if args.method in METHODS else {}
+    kwargs.update(pipe_opts)
+    wrong = [k for k in kwargs if accepted and k not in accepted]
+    if wrong:
+        raise SteeringError(f"--{wrong[0].replace('_', '-')} does not apply to --method {args.method}")
+    out = Path(args.out)
+    if out.parent and not out.parent.exists():
+        raise SteeringError(f"--out {args.out!r}: folder {str(out.parent)!r} does not exist")
+    if args.pipeline:
+        from ..diffusion.grid import load_pipeline
+
+        model, tok = load_pipeline(args.pipeline, args.device, args.dtype), None
+    else:
+        model, tok = load_model(args.model)
+    t0 = time.perf_counter()
+    st = lf.fit(model, tok, src, tgt, method=args.method, progress=True, **kwargs)
+    wall = secs(t0)
+    st.save(out)
+    say(f"fitted {args.method} on {len(src)} source / {len(tgt)} target prompts in {wall:.1f} s")
+    say(f"nnz {st.nnz():,} of {2 * sum(st.meta['widths'].values()):,} entries; "
+        f"{len(st.active_sites())}/{len(st.sites)} sites active")
+    say(f"saved {out}")
+    return 0

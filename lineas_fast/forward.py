@@ -1,0 +1,177 @@
+"""Running a model up to its sites: the one mechanism that reads (or rewrites) site tensors on the way.
+
+``tap`` is used by collection, LinEAS training (which rewrites site tensors with the current maps,
+differentiably) and shape probing. It stops the forward with :class:`StopForward` as soon as every site
+has been seen, so nothing after the last site (later blocks, the LM head) runs. Position ids are
+computed from the attention mask, so pooled activations of a sentence do not depend on left/right
+padding or on the other sentences in its batch. A registered model view (:mod:`lineas_fast.views`)
+supplies its own cheapest probe run.
+"""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+from typing import Callable
+
+import torch
+from torch import nn
+
+from .errors import SteeringError
+from .site_address import Site, channel_dim, pick, replace, static_width
+from .views import is_view
+
+POOLINGS = ("mean", "last", "tokens")
+
+
+class StopForward(Exception):
+    """Raised inside a hook to end a forward pass once every site has been captured."""
+
+
+@contextmanager
+def tap(model: nn.Module, sites: list[str], on_value: Callable, stop_early: bool = True):
+    """Call ``on_value(site, tensor)`` at every site during forwards inside the block.
+
+    ``on_value`` may return a replacement tensor (used downstream) or None. With ``stop_early``, the
+    forward raises :class:`StopForward` right after the last site; use :func:`run_to_sites`.
+    """
+    seen: set[str] = set()
+    handles = []
+
+    def after(spec: str):
+        seen.add(spec)
+        if stop_early and len(seen) == len(sites):
+            seen.clear()
+            raise StopForward
+
+    def out_hook(spec, site):
+        def hook(module, args, output):
+            new = on_value(spec, pick(output, site))
+            output = output if new is None else replace(output, site, new)
+            after(spec)
+            return output
+        return hook
+
+    def in_hook(spec):
+        def hook(module, args):
+            new = on_value(spec, args[0])
+            after(spec)
+            return None if new is None else (new, *args[1:])
+        return hook
+
+    try:
+        for spec in sites:
+            site = Site.parse(spec)
+            module = model.get_submodule(site.module)
+            if site.is_input:
+                handles.append(module.register_forward_pre_hook(in_hook(spec)))
+            else:
+                handles.append(module.register_forward_hook(out_hook(spec, site)))
+        yield seen
+    finally:
+        for h in handles:
+            h.remove()
+
+
+def model_inputs(ids: torch.Tensor, mask: torch.Tensor) -> dict:
+    """Forward kwargs with position ids derived from the mask (padding-independent positions)."""
+    pos = (mask.long().cumsum(-1) - 1).clamp(min=0)
+    return {"input_ids": ids, "attention_mask": mask, "position_ids": pos, "use_cache": False}
+
+
+def run_to_sites(model: nn.Module, ids: torch.Tensor, mask: torch.Tensor, seen: set | None = None) -> None:
+    """One forward that ends at the last tapped site."""
+    if seen is not None:
+        seen.clear()
+    try:
+        model(**model_inputs(ids, mask))
+    except StopForward:
+        pass
+
+
+def encode(tok, texts: list[str], max_length: int | None, device) -> tuple[torch.Tensor, torch.Tensor]:
+    batch = tok(texts, return_tensors="pt", padding=True, truncation=max_length is not None,
+                max_length=max_length)
+    return batch["input_ids"].to(device), batch["attention_mask"].to(device)
+
+
+def length_buckets(tok, texts: list[str], size: int) -> list[list[str]]:
+    """Split texts into chunks of similar token length (less padding, same pooled results).
+
+    Chunks keep a fixed order (by length, ties by position), so results concatenate deterministically;
+    pooled activations do not depend on batch composition, so this changes speed, not values.
+    """
+    lengths = [len(ids) for ids in tok(texts, add_special_tokens=True)["input_ids"]]
+    order = sorted(range(len(texts)), key=lambda i: (lengths[i], i))
+    return [[texts[i] for i in order[k:k + size]] for k in range(0, len(order), size)]
+
+
+def pool(h: torch.Tensor, mask: torch.Tensor, how: str) -> torch.Tensor:
+    """Pool a site tensor ``[B, T, d]`` over non-pad tokens: ``mean`` → [B, d], ``last`` → [B, d],
+    ``tokens`` → [non-pad tokens, d]. Pad positions never enter (``where``, not multiply: pads may be NaN)."""
+    m = mask.bool()
+    if how == "mean":
+        h = torch.where(m[..., None], h, torch.zeros((), dtype=h.dtype, device=h.device))
+        return h.sum(1) / m.sum(1, keepdim=True).clamp(min=1).to(h.dtype)
+    if how == "last":
+        t = torch.arange(m.shape[1], device=m.device)
+        last = torch.where(m, t, -1).argmax(-1)
+        return h[torch.arange(h.shape[0], device=h.device), last]
+    if how == "tokens":
+        return h[m]
+    raise SteeringError(f"pooling={how!r}: expected one of {POOLINGS}")
+
+
+def model_device(model: nn.Module) -> torch.device:
+    return next(model.parameters()).device
+
+
+@torch.no_grad()
+def probe_shapes(model: nn.Module, sites: list[str]) -> dict[str, tuple]:
+    """Shapes of site tensors on a 1-token input (for widths that cannot be read off weights)."""
+    shapes = {}
+    with tap(model, sites, lambda s, h: shapes.__setitem__(s, tuple(h.shape))) as seen:
+        _probe_forward(model, seen)
+    return shapes
+
+
+def _probe_forward(model: nn.Module, seen: set) -> None:
+    """The cheapest forward that reaches every site: one token (an LLM) or one pipeline step."""
+    if is_view(model):
+        seen.clear()
+        model.probe_run()
+        return
+    ids = torch.ones(1, 1, dtype=torch.long, device=model_device(model))
+    run_to_sites(model, ids, torch.ones_like(ids), seen)
+
+
+@torch.no_grad()
+def execution_order(model: nn.Module, sites: list[str]) -> list[str]:
+    """``sites`` sorted by when the forward reaches them (one 1-token probe forward)."""
+    order: list[str] = []
+
+    def seen_first(spec, h):
+        if spec not in order:
+            order.append(spec)
+
+    with tap(model, sites, seen_first) as seen:
+        _probe_forward(model, seen)
+    missing = [s for s in sites if s not in order]
+    if missing:
+        raise SteeringError(f"site(s) {missing[:3]} are never reached by a forward pass")
+    return order
+
+
+def site_widths(model: nn.Module, sites: list[str]) -> dict[str, int]:
+    """Width d of each site: from the module's weights when obvious, else from a probe forward (channels:
+    :func:`channel_dim`)."""
+    widths, unknown = {}, []
+    for spec in sites:
+        site = Site.parse(spec)
+        w = static_width(model.get_submodule(site.module), site)
+        if w is None:
+            unknown.append(spec)
+        else:
+            widths[spec] = w
+    if unknown:
+        widths.update({s: shape[channel_dim(len(shape))] for s, shape in probe_shapes(model, unknown).items()})
+    return widths
