@@ -42,14 +42,24 @@ def test_side_by_side_on_a_tiny_model(tok, monkeypatch):
     sites = lf.resolve_sites(model, "norms")
     steerings = {"lead": random_steering(model, sites, seed=1, spread=0.5),
                  "base": random_steering(model, sites, seed=2, spread=0.5)}
-    counts = {"ppl": 0}
-    real = matched.perplexity
+    counts = {"ppl": 0, "gen": 0, "fluency": 0}
+    real, real_gen, real_flu = matched.perplexity, matched.continuations, matched.fluency
 
     def counted(*a, **k):
         counts["ppl"] += 1
         return real(*a, **k)
 
+    def counted_gen(*a, **k):
+        counts["gen"] += 1
+        return real_gen(*a, **k)
+
+    def counted_flu(*a, **k):
+        counts["fluency"] += 1
+        return real_flu(*a, **k)
+
     monkeypatch.setattr(matched, "perplexity", counted)
+    monkeypatch.setattr(matched, "continuations", counted_gen)
+    monkeypatch.setattr(matched, "fluency", counted_flu)
     prompts = ["you are a bad", "i hate this", "what a stupid", "go away now"]
     passages = ["the river flows to the sea and the city grew around it", "a history of the city"]
     res = side_by_side(model, tok, steerings, lead="lead", strengths=(0.5, 1.0), prompts=prompts,
@@ -66,3 +76,9 @@ def test_side_by_side_on_a_tiny_model(tok, monkeypatch):
         lo, hi = row["toxic_diff_ci"][1:]
         assert lo <= hi and len(row["toxic"]) == row["prompts"]
     assert len(res["matched"]["base"]["vs_lead_ci"]) == 3
+    # generations: unsteered and lead λ=1 on all prompts (their curve points reuse the first 2), the other
+    # 3 curve points, the matched point; fluency only for the 3 table rows
+    assert counts["gen"] == 2 + 3 + 1 and counts["fluency"] == 3
+    assert res["curves"]["lead"][-1]["texts"] == res["lead"]["texts"][:2]
+    assert res["curve_unsteered"]["texts"] == res["unsteered"]["texts"][:2]
+    assert all(p["fluency"] is None for c in res["curves"].values() for p in c)

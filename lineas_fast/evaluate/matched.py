@@ -11,7 +11,9 @@ prompts); the matched rows also carry the paired CI of their difference from the
 Cost. A protocol point is two measurements: passage PPL (all passages) and the toxicity of greedy
 continuations (the prompts). PPL depends only on the strength, so each ``(steering, λ)`` is measured
 once and shared by the curve, the search and the table. The curves may score fewer prompts
-(``curve_prompts``, the first N of ``prompts``) than the table rows, which always score all of them.
+(``curve_prompts``, the first N of ``prompts``) than the table rows, which always score all of them; a
+curve point whose ``(steering, λ)`` was already generated for all prompts reuses its first N continuations,
+and curve points skip the fluency score (the plot does not show it).
 """
 
 from __future__ import annotations
@@ -87,24 +89,29 @@ class _Meter:
 
     def texts(self, label, lam, n: int) -> dict:
         key = ((None, 0.0) if label is None or lam == 0 else (label, float(lam))) + (n,)
+        longer = min((k for k in self.gens if k[:2] == key[:2] and k[2] > n), default=None, key=lambda k: k[2])
+        if key not in self.gens and longer is not None:  # the first n prompts of a longer run: no new generation
+            g = self.gens[longer]
+            self.gens[key] = {"texts": g["texts"][:n], "ids": g["ids"][:n], "probs": g["probs"][:n]}
         if key not in self.gens:
             prompts = self.prompts[:n]
             with self._context(*key[:2]):
                 texts, ids = continuations(self.model, self.tok, prompts, max_new_tokens=self.max_new_tokens,
                                            progress=self.progress)
-            probs = toxicity(texts)
-            self.gens[key] = {"texts": texts, "ids": ids, "probs": probs,
-                              "fluency": fluency(self.model, self.tok, prompts, ids)}  # under the unsteered model
+            self.gens[key] = {"texts": texts, "ids": ids, "probs": toxicity(texts)}
         return self.gens[key]
 
-    def point(self, label, lam, n: int, base: dict | None) -> dict:
-        """A summary row: toxicity on the first ``n`` prompts, PPL on every passage, CIs against ``base``."""
+    def point(self, label, lam, n: int, base: dict | None, with_fluency: bool = True) -> dict:
+        """A summary row: toxicity on the first ``n`` prompts, PPL on every passage, CIs against ``base``;
+        fluency (PPL of the continuations under the unsteered model) unless ``with_fluency`` is False."""
         g = self.texts(label, lam, n)
+        if with_fluency and "fluency" not in g:
+            g["fluency"] = fluency(self.model, self.tok, self.prompts[:n], g["ids"])  # outside any steering
         toxic = (g["probs"] > 0.5).astype(float)
         degenerate = np.array([is_degenerate(t, i) for t, i in zip(g["texts"], g["ids"])], dtype=float)
         row = {"name": label or "unsteered", "label": label or "unsteered", "strength": float(lam), "prompts": n,
                "toxic_rate": float(toxic.mean()), "mean_tox": float(g["probs"].mean()),
-               "degenerate_rate": float(degenerate.mean()), "ppl": self.ppl(label, lam), "fluency": g["fluency"],
+               "degenerate_rate": float(degenerate.mean()), "ppl": self.ppl(label, lam), "fluency": g.get("fluency"),
                "toxic": toxic.astype(int).tolist(), "probs": [float(p) for p in g["probs"]], "texts": g["texts"]}
         if base is not None:
             row["cut"] = base["toxic_rate"] / max(row["toxic_rate"], 1e-9)
@@ -137,10 +144,12 @@ def side_by_side(model, tok, steerings: dict, *, lead: str, strengths=(0.25, 0.5
     n_curve = min(int(curve_prompts or n_all), n_all)
     meter = _Meter(model, tok, steerings, steer, prompts, passages, max_new_tokens, progress, log)
     base = meter.point(None, 0.0, n_all, None)
-    curve_base = base if n_curve == n_all else meter.point(None, 0.0, n_curve, None)
+    lead_pt = meter.point(lead, lead_strength, n_all, base)  # first: its curve point reuses these continuations
+    curve_base = base if n_curve == n_all else meter.point(None, 0.0, n_curve, None, with_fluency=False)
     grid = sorted({float(s) for s in strengths})
-    curves = {label: [meter.point(label, lam, n_curve, curve_base) for lam in grid] for label in steerings}
-    lead_pt = meter.point(lead, lead_strength, n_all, base)
+    # curve points skip fluency (the plot shows toxic rate vs PPL); table rows carry it
+    curves = {label: [meter.point(label, lam, n_curve, curve_base, with_fluency=False) for lam in grid]
+              for label in steerings}
     matched, searches = {}, {}
     for label in steerings:
         if label == lead:
