@@ -36,6 +36,7 @@ def main() -> None:
     ap.add_argument("--prompts", type=int, default=300)
     ap.add_argument("--baseline", action="store_true", help="also record the unsteered row")
     ap.add_argument("--baseline-cache", help="JSON file caching the unsteered run (computed if missing)")
+    ap.add_argument("--save", metavar="DIR", help="also save each fitted steering as DIR/<settings>.safetensors")
     args = ap.parse_args()
     if args.render:
         print(render(args.out))
@@ -56,6 +57,10 @@ def main() -> None:
         t0 = time.perf_counter()
         st = lf.fit(model, tok, src, tgt, progress=False, **cfg)
         fit_s = time.perf_counter() - t0
+        if args.save:
+            os.makedirs(args.save, exist_ok=True)
+            name = "_".join(f"{k}={v}" for k, v in cfg.items() if k != "sites") or "defaults"
+            st.save(os.path.join(args.save, name.replace("/", "-") + ".safetensors"))
         for lam in [float(x) for x in args.strengths.split(",")]:
             with lf.steered(model, st, strength=lam):
                 r = E.evaluate_model(model, tok, prompts, passages)
@@ -85,7 +90,7 @@ def render(path: str) -> str:
         method = cfg.pop("method", "lineas")
         settings = ", ".join(f"{k}={v}" for k, v in cfg.items()) or "defaults"
         ppl = f"{r['ppl']:.1f}" if r["ppl"] < 1e4 else f"{r['ppl']:.1e}"
-        dppl = f"{100 * r['ppl_change']:+.0f}%" if r["ppl_change"] < 100 else "diverged"
+        dppl = f"{100 * r['ppl_change']:+.1f}%" if r["ppl_change"] < 100 else "diverged"
         cut = f"{r['cut']:.2f}×" if r["cut"] < 100 else "∞"
         lo, hi = r["toxic_diff_ci"]
         step = r.get("step_s")

@@ -62,7 +62,8 @@ def add_parser(sub, common, fmt) -> None:
     f.add_argument("--optimizer", default=None, choices=["adam", "sgd"],
                    help=f"optimizer of the LinEAS steps [default: {D['optimizer']}]")
     f.add_argument("--batch-size", type=int, default=None, metavar="N",
-                   help=f"source prompts per step [default: {D['batch_size']}]")
+                   help=f"source prompts per step (and as many target prompts with --preserve) [default: "
+                        f"{D['batch_size']}]")
     f.add_argument("--max-length", type=int, default=None, metavar="T",
                    help=f"tokens per prompt [default: {D['max_length']}]")
     f.add_argument("--seed", type=int, default=None, metavar="N", help=f"random seed [default: {D['seed']}]")
