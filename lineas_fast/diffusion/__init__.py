@@ -6,9 +6,9 @@ denoiser and text encoders are steered in place through a :class:`PipelineView`,
 (:mod:`lineas_fast.views`) this package registers when imported.
 """
 
-from ..views import register_view
+from ..views import as_model, register_view
 from .run import call_pipeline, collect_diffusion
-from .view import PRESETS, PipelineView, as_model, is_pipeline, pipeline_view, view_of
+from .view import PRESETS, PipelineView, is_pipeline, pipeline_view, view_of
 
 register_view(pipeline_view)
 

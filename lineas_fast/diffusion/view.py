@@ -47,11 +47,6 @@ def is_pipeline(obj) -> bool:
     return not isinstance(obj, nn.Module) and isinstance(getattr(obj, "components", None), dict)
 
 
-def as_model(obj):
-    """The module tree to steer: the cached :class:`PipelineView` of a pipeline, else ``obj`` itself."""
-    return view_of(obj) if is_pipeline(obj) else obj
-
-
 def pipeline_view(obj) -> "PipelineView | None":
     """The adapter :mod:`lineas_fast.diffusion` registers with :func:`lineas_fast.views.register_view`."""
     return view_of(obj) if is_pipeline(obj) else None
@@ -69,8 +64,6 @@ def view_of(pipe) -> "PipelineView":
 
 class PipelineView(ModelView):
     """The denoiser and text encoders of ``pipe`` under one root (see the module docstring)."""
-
-    is_pipeline_view = True
 
     def __init__(self, pipe):
         super().__init__()
