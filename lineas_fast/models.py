@@ -69,6 +69,22 @@ def _convert_gguf(name: str, dest: Path) -> None:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
+def local_folder(name_or_path: str) -> Path:
+    """The HF checkpoint folder of an embedded model (materialised once in :func:`cache_dir`) or a local
+    folder; what engines that read checkpoints themselves (``lineas-fast serve``: vLLM) are given."""
+    if name_or_path in EMBEDDED:
+        folder = cache_dir() / f"{name_or_path}-fp32"
+        if not (folder / "config.json").is_file():
+            _convert_gguf(name_or_path, folder)
+        return folder
+    if Path(name_or_path).is_dir():
+        return Path(name_or_path)
+    raise SteeringError(
+        f"model {name_or_path!r}: not an embedded model {sorted(EMBEDDED)} nor a local folder "
+        "(models are never downloaded)"
+    )
+
+
 def load_model(name_or_path: str = "smollm2-135m", dtype: torch.dtype = torch.float32, device: str = "cpu"):
     """Load a causal LM and its tokenizer, offline.
 
@@ -82,18 +98,8 @@ def load_model(name_or_path: str = "smollm2-135m", dtype: torch.dtype = torch.fl
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    if name_or_path in EMBEDDED:
-        folder = cache_dir() / f"{name_or_path}-fp32"
-        if not (folder / "config.json").is_file():
-            _convert_gguf(name_or_path, folder)
-        label = name_or_path
-    elif Path(name_or_path).is_dir():
-        folder, label = Path(name_or_path), str(name_or_path)
-    else:
-        raise SteeringError(
-            f"model {name_or_path!r}: not an embedded model {sorted(EMBEDDED)} nor a local folder "
-            "(models are never downloaded)"
-        )
+    folder = local_folder(name_or_path)
+    label = str(name_or_path)
     tok = AutoTokenizer.from_pretrained(folder, local_files_only=True)
     model = AutoModelForCausalLM.from_pretrained(folder, local_files_only=True, dtype=dtype)
     model.config.name_or_path = label

@@ -36,7 +36,7 @@ def _run(*args, **kw):
 def test_help_and_version_of_every_command_import_no_torch():
     res = _run("-c", _PROBE)
     assert res.returncode == 0, res.stderr
-    assert "commands: demo,fit,generate,eval,bake,bench,env" in res.stderr
+    assert "commands: demo,fit,generate,eval,bake,serve,bench,env" in res.stderr
     assert res.stdout.startswith("usage: lineas-fast") and "lineas-fast fit" in res.stdout
 
 

@@ -1,13 +1,15 @@
 """``lineas-fast`` — the command line (also ``python -m lineas_fast``).
 
-Commands: ``demo`` (what ``make demo`` runs), ``fit``, ``generate``, ``eval``, ``bake``, ``bench``, ``env``.
+Commands: ``demo`` (what ``make demo`` runs), ``fit``, ``generate``, ``eval``, ``bake``, ``serve``, ``bench``,
+``env``.
 Deliberate errors (:class:`lineas_fast.SteeringError`), missing packages and file-system errors are
 printed as one line ``error: ...`` on stderr with exit status 2; ``--traceback`` shows the full trace.
 
 This package holds :func:`build_parser` and :func:`main`; each command is a module owning its options
 (``add_parser``) and its work (``run``): :mod:`~lineas_fast.cli.demo`, :mod:`~lineas_fast.cli.fit`,
 :mod:`~lineas_fast.cli.generate`, :mod:`~lineas_fast.cli.eval` (``--methods``:
-:mod:`~lineas_fast.cli.compare`), :mod:`~lineas_fast.cli.bake`, :mod:`~lineas_fast.cli.bench`,
+:mod:`~lineas_fast.cli.compare`), :mod:`~lineas_fast.cli.bake`, :mod:`~lineas_fast.cli.serve` (vLLM),
+:mod:`~lineas_fast.cli.bench`,
 :mod:`~lineas_fast.cli.env`; :mod:`~lineas_fast.cli.pipeline` is the ``--pipeline`` side of ``fit`` and
 ``generate``, :mod:`~lineas_fast.cli.common` what they share. Building the parser imports no torch (the
 defaults shown come from :mod:`lineas_fast.defaults`), so ``--help`` and ``--version`` answer at once;
@@ -21,13 +23,13 @@ import sys
 
 from .._version import __version__
 from ..errors import SteeringError
-from . import bake, bench, demo, env, fit, generate
+from . import bake, bench, demo, env, fit, generate, serve
 from . import eval as eval_command
 from .common import HelpFormatter, common_parser, positive
 
 __all__ = ["build_parser", "main"]
 
-COMMANDS = (demo, fit, generate, eval_command, bake, bench, env)  # in the order --help lists them
+COMMANDS = (demo, fit, generate, eval_command, bake, serve, bench, env)  # in the order --help lists them
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -50,7 +52,11 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv=None) -> int:
     """Entry point of ``lineas-fast`` / ``python -m lineas_fast``; returns the exit status."""
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args, rest = parser.parse_known_args(argv)
+    if getattr(args, "passthrough", False):
+        args.vllm_args = rest  # `serve` hands the options it does not know to `vllm serve`
+    elif rest:
+        parser.error(f"unrecognized arguments: {' '.join(rest)}")
     try:
         if args.threads is not None:
             import torch
