@@ -9,10 +9,10 @@ do real work): **stock** vLLM with every plugin disabled, and ``lineas-fast serv
   steerings/strengths (a third unsteered, a third each steering);
 * one request, 32 new tokens — its latency — to the same three.
 
-Reports medians and the ratios (3)/(1), (3)/(2) and (2)/(1) in ``benchmarks/results/vllm_serving.md``
-(+ ``.json``). Usage::
+Reports medians and the ratios (3)/(1), (3)/(2) and (2)/(1) in ``benchmarks/results/bench/serving.md``
+(+ ``.json``; the ``serving`` step of ``run_all.py``). Usage::
 
-    .venv/bin/python benchmarks/bench_vllm.py [--rounds 7] [--threads 2] [--eager]
+    .venv/bin/python benchmarks/bench_vllm.py [--rounds 7] [--eager] [--quick]
 """
 
 from __future__ import annotations
@@ -87,8 +87,11 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--rounds", type=int, default=7)
     p.add_argument("--eager", action="store_true", help="--enforce-eager on both servers (no torch.compile)")
-    p.add_argument("--out", default=str(HERE / "results" / "vllm_serving"))
+    p.add_argument("--quick", action="store_true", help="smoke settings: 2 rounds, eager (not a result)")
+    p.add_argument("--out", default=str(HERE / "results" / "bench" / "serving"))
     args = p.parse_args(argv)
+    if args.quick:
+        args.rounds, args.eager = 2, True
     from lineas_fast.models import local_folder
     from lineas_fast.vllm.launch import start
 

@@ -20,6 +20,7 @@ TITLES = {
     "inference": "Inference: prefill, decode, ATen ops, per-request routing (SmolLM2 and a wide random Llama)",
     "training": "Training: LinEAS step eager vs compiled, its split, fit times, scaling, AcT fitting",
     "peers": "Peers: repeng, steering-vectors, pyvene and an ml-act-style hook vs lineas_fast",
+    "serving": "Serving: the vLLM plugin vs stock vLLM (CPU server, float32)",
 }
 WHY_MISSED = {
     "training": "the step is dominated by the model's matmuls and attention (see the split); compile fuses the "

@@ -36,10 +36,17 @@ def steps(threads: int, quick: bool) -> dict[str, list[str]]:
         "inference": [py, "bench_inference.py", *t, *q, "--out", "results/bench/inference.json"],
         "training": [py, "bench_training.py", *t, *q, "--out", "results/bench/training.json"],
         "peers": [str(PEERS_PY), "bench_peers.py", *t, *q, "--out", "results/bench/peers.json"],
+        "serving": [py, "bench_vllm.py", *q, "--out", "results/bench/serving"],
     }
 
 
 def run_step(name: str, cmd: list[str]) -> dict:
+    vllm_py = ROOT / ".venv-vllm" / "bin" / "python"
+    if name == "serving" and not vllm_py.exists():
+        msg = f"not run: {vllm_py} is missing (make vllm-venv creates it)"
+        (OUT / f"{name}.md").write_text(msg + "\n")
+        print(f"[bench] {name}: {msg}", flush=True)
+        return {"name": name, "ok": False, "seconds": 0.0, "why": msg}
     if name == "peers" and not PEERS_PY.exists():
         msg = f"not run: {PEERS_PY} is missing (make bench creates it: bash benchmarks/peers/setup.sh)"
         (OUT / f"{name}.md").write_text(msg + "\n")
