@@ -1,7 +1,10 @@
 """Applying steerings to a model instance: ``steer_`` (hooks | fold | fused), ``steered``, ``bake``.
 
-Everything is validated before the model is touched; another instance of the same class is never
-affected (hooks and folds are per instance).
+Everything is validated before the model is touched, then applied all or nothing (a failure half-way
+undoes what was done and re-raises); another instance of the same class is never affected (hooks and
+folds are per instance). Steering one model is serialised by its lock (``handle.model_lock``): the
+"already steered" check and the patch are one atomic step, so of two threads steering one model at once
+one succeeds and the other gets :class:`SteeringError`.
 """
 
 from __future__ import annotations
@@ -16,7 +19,7 @@ from ..errors import SteeringError
 from ..steering import Steering
 from ..views import as_model, is_view, view_of
 from .fold import WeightEditor, bake_plan_flags, plan_fold
-from .handle import ATTR, SteerHandle
+from .handle import ATTR, SteerHandle, model_lock
 
 MODES = ("fused", "hooks", "fold")
 
@@ -27,9 +30,11 @@ def _normalise(steering) -> dict[str, Steering]:
     if isinstance(steering, dict) and steering and all(isinstance(k, str) for k in steering):
         bad = [k for k, v in steering.items() if not isinstance(v, Steering)]
         if bad:
-            raise SteeringError(f"steering dict entries {bad} are not Steering objects")
+            raise SteeringError(f"steer_(): steering dict entries {bad} are not Steering objects (got "
+                                f"{[type(steering[k]).__name__ for k in bad]}); expected {{name: Steering}}")
         return dict(steering)
-    raise SteeringError(f"expected a Steering or a non-empty {{name: Steering}} dict, got {type(steering).__name__}")
+    raise SteeringError(f"steer_(): steering={steering!r:.80} is not valid; expected a Steering or a non-empty "
+                        f"{{name: Steering}} dict with str names, got {type(steering).__name__}")
 
 
 def _refuse_clamped(steering: Steering, what: str) -> None:
@@ -71,20 +76,35 @@ def steer_(model, steering, strength=1.0, mode: str | None = None, backend: str 
             ``"cpp"``, ``"triton"``, ``"cuda"``; one that cannot run here raises, saying why.
     Returns:
         a :class:`SteerHandle` (``set_strength``, ``route``, ``remove``; also a context manager).
+
+    Every argument is checked before the model is touched (:class:`SteeringError` naming the argument,
+    its value and what is valid); the patch is then applied all or nothing. Thread-safe per model: the
+    model's lock is held from the "already steered" check to the end of the patch, so concurrent
+    ``steer_``/``remove`` on one model are serialised and a second ``steer_`` raises "already steered".
     """
-    steerings = _normalise(steering)
-    model = as_model(model)
-    if getattr(model, ATTR, None) is not None:
-        raise SteeringError("model is already steered: remove() the existing handle first")
     from .handle import _as_strength
 
-    rows = _as_strength(strength).numel()  # raises on NaN/inf/empty before anything changes
+    steerings = _normalise(steering)
+    rows = _as_strength(strength, "steer_()").numel()  # raises on NaN/inf/empty before anything changes
+    if mode is not None and (not isinstance(mode, str) or mode not in MODES):
+        raise SteeringError(f"steer_(): mode={mode!r} is not valid; expected None or one of {MODES}")
+    if backend is not None and not isinstance(backend, str):
+        raise SteeringError(f"steer_(): backend={backend!r} is not valid; expected None or a backend name "
+                            f"(a str, e.g. 'torch', 'cpp', 'triton', 'cuda')")
+    model = as_model(model)
+    with model_lock(model):  # held through SteerHandle(): the check and the patch are one atomic step
+        if getattr(model, ATTR, None) is not None:
+            raise SteeringError("model is already steered: remove() the existing handle first")
+        mode = _check_model_args(model, steerings, rows, mode, backend)
+        return SteerHandle(model, steerings, mode, strength, backend)
+
+
+def _check_model_args(model, steerings: dict, rows: int, mode: str | None, backend: str | None) -> str:
+    """The checks of ``steer_`` that read the (unsteered) model; returns the mode to apply."""
     # a pipeline's per-prompt rows need the CFG-aware expansion of hooks (see SteerHandle)
     per_prompt = is_view(model) and model.per_prompt_needs_hooks() and (rows > 1 or len(steerings) > 1)
     if mode is None:
         mode = "fused" if fused_available(model, steerings) is None and not per_prompt else "hooks"
-    if mode not in MODES:
-        raise SteeringError(f"mode={mode!r}: expected one of {MODES}")
     if mode == "fold" and len(steerings) > 1:
         raise SteeringError("mode='fold' applies one steering at a fixed strength: use mode='hooks' to route several")
     for name, st in steerings.items():
@@ -107,7 +127,7 @@ def steer_(model, steering, strength=1.0, mode: str | None = None, backend: str 
 
         for device in {_site_device(model, s) for st in steerings.values() for s in st.sites}:
             resolve_backend(backend, device)  # raises before anything changes
-    return SteerHandle(model, steerings, mode, strength, backend)
+    return mode
 
 
 @contextmanager
@@ -170,6 +190,11 @@ def bake(model, steering: Steering, strength: float = 1.0):
     view = view_of(model)
     if view is not None:  # e.g. a diffusers pipeline: bakes into its own parameters (lineas_fast.views)
         return view.bake(steering, lam, _refuse_clamped)
+    with model_lock(model):  # not while another thread steers or removes
+        return _bake_locked(model, steering, lam)
+
+
+def _bake_locked(model, steering: Steering, lam: float):
     if getattr(model, ATTR, None) is not None:
         raise SteeringError("model is currently steered: remove() the handle before baking")
     steering.check_model(model)

@@ -16,6 +16,10 @@ With a = 1−λ+λω and c = λb per site:
 Sites are folded in reverse model order, each using the weights as already modified downstream, which
 makes stacked folds on one Linear (input site + output site + a norm shift) compose exactly. Every
 touched parameter's original is kept, so unfold restores bit-exactly (nothing is divided back).
+
+Folding, refolding at another strength and restoring are all or nothing: should any step fail, every
+touched parameter is put back as it was before the call (created ones removed or re-created) and the
+error re-raised.
 """
 
 from __future__ import annotations
@@ -161,14 +165,43 @@ class WeightEditor:
         """``(module, attr)`` of every parameter the fold had to create (absent before)."""
         return [key for key, orig in self.saved.items() if orig is None]
 
+    def current(self) -> dict[tuple[str, str], torch.Tensor | None]:
+        """A copy of every parameter this editor touched, as it stands now (None where absent)."""
+        out = {}
+        for module_name, attr in self.saved:
+            p = getattr(self.model.get_submodule(module_name), attr)
+            out[(module_name, attr)] = None if p is None else p.detach().clone()
+        return out
+
+    def put(self, values: dict[tuple[str, str], torch.Tensor | None]) -> None:
+        """Write back a :meth:`current` copy: values copied in place, absent parameters re-created (as the
+        fold creates them: no grad), parameters absent in ``values`` removed."""
+        with torch.no_grad():
+            for (module_name, attr), value in values.items():
+                module = self.model.get_submodule(module_name)
+                p = getattr(module, attr)
+                if value is None:
+                    if p is not None:
+                        setattr(module, attr, None)
+                elif p is None:
+                    setattr(module, attr, nn.Parameter(value.clone(), requires_grad=False))
+                else:
+                    p.data.copy_(value)
+
     def restore(self) -> None:
-        """Put every original back (bit-exact); created parameters are removed."""
-        for (module_name, attr), orig in self.saved.items():
-            module = self.model.get_submodule(module_name)
-            if orig is None:
-                setattr(module, attr, None)
-            else:
-                getattr(module, attr).data.copy_(orig)
+        """Put every original back (bit-exact); created parameters are removed. All or nothing: on a
+        failure half-way the parameters are left as they were before the call, and the error re-raised."""
+        before = self.current()
+        try:
+            for (module_name, attr), orig in self.saved.items():
+                module = self.model.get_submodule(module_name)
+                if orig is None:
+                    setattr(module, attr, None)
+                else:
+                    getattr(module, attr).data.copy_(orig)
+        except BaseException:
+            self.put(before)
+            raise
         self.saved.clear()
 
 
@@ -180,16 +213,50 @@ def _home(model: nn.Module, module: nn.Module) -> tuple[torch.device, torch.dtyp
     return p.device, p.dtype
 
 
-def fold_into(model, steering_sites: list[str], scale: dict, shift: dict, strength: float) -> WeightEditor:
-    """Fold one steering at a fixed strength; returns the editor that can restore the originals."""
+def _fold_plan(model, steering_sites: list[str], scale: dict, shift: dict, strength: float):
+    """``(coeffs, steps)`` of one steering at one strength; refuses (plan_fold) before anything changes."""
     lam = float(strength)
     coeffs = {s: (1 - lam + lam * scale[s], lam * shift[s]) for s in steering_sites}
     steps = plan_fold(model, steering_sites, {s: bool(coeffs[s][1].any()) for s in steering_sites})
-    editor = WeightEditor(model)
+    return coeffs, steps
+
+
+def _apply_steps(editor: WeightEditor, steps: list[FoldStep], coeffs: dict) -> None:
     with torch.no_grad():
-        for step in reversed(steps):
+        for step in reversed(steps):  # downstream first, so stacked folds on one Linear compose
             editor.apply(step, *coeffs[step.site])
+
+
+def fold_into(model, steering_sites: list[str], scale: dict, shift: dict, strength: float) -> WeightEditor:
+    """Fold one steering at a fixed strength; returns the editor that can restore the originals.
+    All or nothing: a failure half-way restores every touched parameter and re-raises."""
+    coeffs, steps = _fold_plan(model, steering_sites, scale, shift, strength)
+    editor = WeightEditor(model)
+    try:
+        _apply_steps(editor, steps, coeffs)
+    except BaseException:
+        editor.restore()
+        raise
     return editor
+
+
+def refold(model, editor: WeightEditor, steering_sites: list[str], scale: dict, shift: dict,
+           strength: float) -> WeightEditor:
+    """Move a live fold (``editor``) to another strength, from the saved originals (never dividing back);
+    returns the new editor. All or nothing: on a failure the model keeps the old fold bit-exactly and
+    ``editor`` stays valid."""
+    coeffs, steps = _fold_plan(model, steering_sites, scale, shift, strength)  # refusals first
+    folded, saved = editor.current(), dict(editor.saved)
+    new = WeightEditor(model)
+    try:
+        editor.restore()
+        _apply_steps(new, steps, coeffs)
+    except BaseException:
+        new.restore()        # parameters the new fold touched: back to the originals
+        editor.put(folded)   # then the old fold as it stood
+        editor.saved = saved
+        raise
+    return new
 
 
 def bake_plan_flags(model, steps: list[FoldStep], coeffs: dict) -> dict[str, tuple[str, ...]]:

@@ -14,6 +14,14 @@ module object back.
 The implementation behind each stand-in is chosen once, at patch time, by the backend registry
 (:func:`lineas_fast.backends.resolve_backend`, re-exported here).
 
+When every routed row's effective strength is exactly 0 (unsteered or strength 0), an eager forward
+calls the original module itself, so strength 0 is bit-identical to the unsteered model (the fused ops
+compute the norm / matmul in their own order, ~1e-7 away). Under ``torch.compile`` and during CUDA-graph
+capture the op always runs (one graph for every routing; strength 0 is then exact up to that rounding).
+
+Installing and removing the stand-ins, and ``set_rows``, are all or nothing: should any step fail, what
+was done is undone and the error re-raised.
+
 Sites the fused runtime does not cover (support-clamped maps, modules that are neither a known norm nor
 a Linear, a second site on a Linear that already carries one) fall back to hooks, with one warning line
 naming them.
@@ -26,6 +34,7 @@ from torch import nn
 
 from ..errors import SteeringError
 from ..sites import Site, family
+from .tables import row_identity
 
 ROUTING_CAPACITY = 64  # routing rows preallocated (a larger route() reallocates: one recompile)
 
@@ -111,8 +120,24 @@ class Routing:
         self.nrows = torch.ones(1, dtype=torch.long, device=device)
         self.rows = 1
         self.grew = False
+        self.identity = False  # every live row at effective strength 0 (host-side, set by set())
+
+    def state(self) -> tuple:
+        """Everything ``set`` may change, copied: for :meth:`restore` after a failed update."""
+        return (self.ids, self.strength, self.ids.clone(), self.strength.clone(), self.nrows.clone(), self.rows,
+                self.grew, self.identity)
+
+    def restore(self, state: tuple) -> None:
+        """Put back a :meth:`state` (the same buffer objects, their values bit-exactly)."""
+        ids, strength, ids_v, strength_v, nrows_v, self.rows, self.grew, self.identity = state
+        self.ids, self.strength = ids, strength
+        self.ids.copy_(ids_v)
+        self.strength.copy_(strength_v)
+        self.nrows.copy_(nrows_v)
 
     def set(self, ids: torch.Tensor, strength: torch.Tensor) -> None:
+        """Copy a routing (CPU ``ids``/``strength``, R rows) into the buffers; grows them past capacity."""
+        identity = row_identity(ids.cpu(), strength.cpu())
         r = ids.numel()
         if r > self.ids.numel():  # new storage: compiled graphs holding the old buffers must re-trace
             self.ids = torch.full((r,), -1, dtype=torch.long, device=self.device)
@@ -122,6 +147,7 @@ class Routing:
         self.strength[:r].copy_(strength, non_blocking=True)
         self.nrows.fill_(r)
         self.rows = r
+        self.identity = identity
 
     def check(self, batch: int) -> None:
         if self.rows != 1 and batch % self.rows:
@@ -151,6 +177,13 @@ class _FusedSite(nn.Module):
             self.routing.check(x.shape[0])
         return self.routing
 
+    def _unsteered(self) -> bool:
+        """Run the original module instead of the op: every row at strength 0, eagerly (not while
+        compiling or capturing a CUDA graph, whose replays must follow later routing changes)."""
+        # is_compiling() first: dynamo folds it to True and never reads (nor guards on) the flag
+        return (not torch.compiler.is_compiling() and self.routing.identity
+                and not (torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()))
+
     def __getattr__(self, name: str):
         try:
             return super().__getattr__(name)
@@ -168,6 +201,8 @@ class FusedNorm(_FusedSite):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         r = self._routing(x)
+        if self._unsteered():
+            return self.original(x)
         return self.fn(x, self.weight, self.bias, self.eps, self.kind, self.offset, self.table_scale,
                        self.table_shift, r.ids, r.strength, r.nrows)
 
@@ -185,6 +220,8 @@ class FusedLinear(_FusedSite):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         r = self._routing(x)
+        if self._unsteered():
+            return self.original(x)
         w = self.weight.t() if self.transposed else self.weight
         return self.fn(x, w, self.bias, self.where, self.table_scale, self.table_shift, r.ids, r.strength, r.nrows)
 
@@ -198,10 +235,13 @@ def _parent(model, name: str) -> tuple[nn.Module, str]:
 
 
 class FusedPatch:
-    """Installs :class:`FusedNorm` replacements and keeps the originals for exact removal."""
+    """Installs :class:`FusedNorm`/:class:`FusedLinear` stand-ins and keeps the originals for exact removal.
+
+    Every site's implementation is resolved and every stand-in built before the first one is installed;
+    installation, :meth:`set_rows` and :meth:`remove` are all or nothing."""
 
     def __init__(self, model, sites: list[str], tables, backend: str | None = None):
-        self.model, self.originals, self.routings = model, {}, {}
+        self.model, self.originals, self.routings, self.stand_ins = model, {}, {}, {}
         fns, plan = {}, []
         for spec in sites:  # resolve every site's implementation before touching the model
             device = tables.scale[spec].device
@@ -212,6 +252,7 @@ class FusedPatch:
             if isinstance(fn, Unavailable):  # an explicit backend without this op (e.g. 'cuda', Linear sites)
                 raise SteeringError(f"site {spec!r}: {fn.message}")
             plan.append((spec, device, norm, fn))
+        built = []  # (spec, parent, child, original, stand-in): nothing installed yet
         for spec, device, norm, fn in plan:
             routing = self.routings.setdefault(device, Routing(device))
             if norm is not None:
@@ -222,13 +263,26 @@ class FusedPatch:
                 name, where = linear_spec(model, spec)
                 module = model.get_submodule(name)
                 new = FusedLinear(module, where, tables.scale[spec], tables.shift[spec], routing, fn)
-            parent, child = _parent(model, name)
-            self.originals[spec] = (parent, child, module)
-            setattr(parent, child, new)
+            built.append((spec, *_parent(model, name), module, new))
+        try:
+            for spec, parent, child, module, new in built:
+                setattr(parent, child, new)
+                self.originals[spec] = (parent, child, module)
+                self.stand_ins[spec] = new
+        except BaseException:
+            self.remove()
+            raise
 
     def set_rows(self, ids: torch.Tensor, strength: torch.Tensor) -> None:
-        for routing in self.routings.values():
-            routing.set(ids, strength)
+        """The same routing into every device's buffers; on failure every buffer is put back."""
+        states = [(routing, routing.state()) for routing in self.routings.values()]
+        try:
+            for routing in self.routings.values():
+                routing.set(ids, strength)
+        except BaseException:
+            for routing, state in states:
+                routing.restore(state)
+            raise
 
     def bind_tables(self, spec: str, scale: torch.Tensor, shift: torch.Tensor) -> None:
         """Make site ``spec`` read new ``[K, d]`` tables (e.g. a fit's live parameters, so gradients reach
@@ -238,6 +292,15 @@ class FusedPatch:
         stand_in.table_scale, stand_in.table_shift = scale, shift
 
     def remove(self) -> None:
-        for parent, child, module in self.originals.values():
-            setattr(parent, child, module)
-        self.originals = {}
+        """Put every original module back; should one fail, the stand-ins already removed go back in."""
+        done = []
+        try:
+            for spec, (parent, child, module) in self.originals.items():
+                setattr(parent, child, module)
+                done.append(spec)
+        except BaseException:
+            for spec in done:
+                parent, child, _ = self.originals[spec]
+                setattr(parent, child, self.stand_ins[spec])
+            raise
+        self.originals, self.stand_ins = {}, {}
