@@ -10,8 +10,8 @@ import torch
 
 from .data import check_texts
 from .errors import SteeringError
-from .forward import (POOLINGS, StopForward, encode, execution_order, length_buckets, model_device, model_inputs,
-                      pool, probe_shapes, run_to_sites, tap)
+from .forward import (POOLINGS, StopForward, encode, execution_order, length_buckets, length_limit, model_device,
+                      model_inputs, pool, probe_shapes, prompt_budget, run_to_sites, tap)
 from .sites import resolve_sites
 from .views import as_model, is_view
 
@@ -25,7 +25,12 @@ def collect(model, tok, texts, sites="norms", pooling: str = "mean", batch_size:
         sites: preset, regex, or list of site strings (see :mod:`lineas_fast.sites`); keys of the result
             are the resolved site strings.
         pooling: ``mean`` over non-pad tokens (default), ``last`` non-pad token, or ``tokens``.
-        max_length: truncate prompts to this many tokens (None: no truncation).
+        max_length: truncate prompts to this many tokens (None: no truncation). Prompts are never longer
+            than the model's positions (``n_positions`` / ``max_position_embeddings``): they are truncated to
+            ``min(max_length, max positions)``, with a warning saying how many the model's limit cut.
+
+    Raises :class:`SteeringError` for an empty prompt list, a prompt that tokenises to zero tokens, or a
+    bad pooling; :class:`SiteError` for a site that does not exist or does not fit its module's output.
     """
     model = as_model(model)
     if is_view(model):  # e.g. a diffusers pipeline: tok unused, max_length moot
@@ -34,6 +39,7 @@ def collect(model, tok, texts, sites="norms", pooling: str = "mean", batch_size:
     if pooling not in POOLINGS:
         raise SteeringError(f"pooling={pooling!r}: expected one of {POOLINGS}")
     sites = resolve_sites(model, sites)
+    max_length = prompt_budget(model, tok, texts, max_length, "texts")
     out: dict[str, list] = {s: [] for s in sites}
     device = model_device(model)
     mask_box, counts = {}, []
@@ -79,7 +85,8 @@ def collect_sets(model, tok, sets: list[list[str]], sites: list[str], pooling: s
     acts = collect(model, tok, texts, sites, pooling=pooling, batch_size=batch_size, max_length=max_length,
                    progress=progress)
     if pooling == "tokens":
-        lengths = [len(x) for x in tok(texts, truncation=max_length is not None, max_length=max_length)["input_ids"]]
+        limit = length_limit(as_model(model), max_length)  # what collect truncated to (it warned)
+        lengths = [len(x) for x in tok(texts, truncation=limit is not None, max_length=limit)["input_ids"]]
         bounds, start = [], 0
         for s in sets:
             bounds.append(sum(lengths[start:start + len(s)]))
@@ -91,4 +98,5 @@ def collect_sets(model, tok, sets: list[list[str]], sites: list[str], pooling: s
 
 
 __all__ = ["POOLINGS", "StopForward", "collect", "collect_sets", "encode", "execution_order", "length_buckets",
-           "model_device", "model_inputs", "pool", "probe_shapes", "run_to_sites", "tap"]
+           "length_limit", "model_device", "model_inputs", "pool", "probe_shapes", "prompt_budget", "run_to_sites",
+           "tap"]

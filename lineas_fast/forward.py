@@ -6,17 +6,25 @@ has been seen, so nothing after the last site (later blocks, the LM head) runs. 
 computed from the attention mask, so pooled activations of a sentence do not depend on left/right
 padding or on the other sentences in its batch. A registered model view (:mod:`lineas_fast.views`)
 supplies its own cheapest probe run.
+
+**Prompt length.** Prompts are truncated to ``min(max_length, model max positions)`` tokens, the model's
+limit read from its config (``n_positions`` / ``max_position_embeddings``, :func:`max_positions`): a longer
+prompt would end in an ``IndexError`` inside the position embedding (GPT-2) or run positions the model
+never saw. Where the model's limit cuts prompts that ``max_length`` alone would have kept,
+:func:`prompt_budget` emits one ``warnings.warn`` saying how many; a prompt that tokenises to no token at
+all is refused with :class:`SteeringError` naming the argument (it has no activation to pool).
 """
 
 from __future__ import annotations
 
+import warnings
 from contextlib import contextmanager
 from typing import Callable
 
 import torch
 from torch import nn
 
-from .errors import SteeringError
+from .errors import SiteError, SteeringError
 from .site_address import Site, channel_dim, pick, replace, static_width
 from .views import is_view
 
@@ -88,6 +96,61 @@ def run_to_sites(model: nn.Module, ids: torch.Tensor, mask: torch.Tensor, seen: 
         pass
 
 
+def max_positions(model: nn.Module) -> int | None:
+    """The most token positions ``model`` accepts, from its config (``n_positions`` for GPT-2,
+    ``max_position_embeddings`` elsewhere); None when the config names no limit."""
+    cfg = getattr(model, "config", None)
+    for key in ("n_positions", "max_position_embeddings"):
+        value = getattr(cfg, key, None)
+        if isinstance(value, int) and not isinstance(value, bool) and value > 0:
+            return value
+    return None
+
+
+def length_limit(model: nn.Module, max_length: int | None, reserve: int = 0) -> int | None:
+    """``min(max_length, max positions − reserve)`` (None: no limit at all); ``reserve`` keeps room for
+    tokens added after the prompt (generated tokens, a BOS prepended by hand)."""
+    limit = max_positions(model)
+    if limit is not None:
+        limit -= reserve
+        if limit < 1:
+            raise SteeringError(f"{type(model).__name__} accepts {limit + reserve} positions: no room for a prompt "
+                                f"after reserving {reserve} (lower max_new_tokens)")
+    if max_length is not None and (limit is None or max_length <= limit):
+        return max_length
+    return limit
+
+
+def warn_cut(model: nn.Module, lengths: list[int], max_length: int | None, what: str, reserve: int = 0) -> int | None:
+    """The length limit of :func:`length_limit`, warning once when the model's position limit cuts some of
+    the sequences of token lengths ``lengths`` that ``max_length`` alone would have kept."""
+    limit = length_limit(model, max_length, reserve)
+    if limit is None or limit == max_length:
+        return limit
+    cut = sum(n > limit for n in lengths)
+    if cut:
+        extra = f" minus {reserve} reserved" if reserve else ""
+        warnings.warn(f"{cut} of {len(lengths)} {what} are longer than {type(model).__name__}'s "
+                      f"{limit + reserve} positions{extra} (max_length={max_length}): truncated to {limit} tokens",
+                      stacklevel=3)
+    return limit
+
+
+def prompt_budget(model: nn.Module, tok, texts: list[str], max_length: int | None, what: str) -> int | None:
+    """The token limit to truncate ``texts`` to: ``min(max_length, model max positions)``.
+
+    Warns (``warnings.warn``) how many prompts the model's limit cuts beyond ``max_length``; raises
+    :class:`SteeringError` naming ``what`` (the argument, e.g. ``"source"``) when a prompt tokenises to
+    no token at all. Call it once per prompt set and pass the result on as ``max_length``.
+    """
+    lengths = [len(ids) for ids in tok(list(texts))["input_ids"]]
+    empty = [i for i, n in enumerate(lengths) if n == 0]
+    if empty:
+        raise SteeringError(f"{what}: prompts {empty[:5]}" + (f" (+{len(empty) - 5} more)" if len(empty) > 5 else "")
+                            + f" of {len(lengths)} tokenise to zero tokens (nothing to pool)")
+    return warn_cut(model, lengths, max_length, f"prompts in {what}")
+
+
 def encode(tok, texts: list[str], max_length: int | None, device) -> tuple[torch.Tensor, torch.Tensor]:
     batch = tok(texts, return_tensors="pt", padding=True, truncation=max_length is not None,
                 max_length=max_length)
@@ -157,7 +220,7 @@ def execution_order(model: nn.Module, sites: list[str]) -> list[str]:
         _probe_forward(model, seen)
     missing = [s for s in sites if s not in order]
     if missing:
-        raise SteeringError(f"site(s) {missing[:3]} are never reached by a forward pass")
+        raise SiteError(f"site(s) {missing[:3]} are never reached by a forward pass")
     return order
 
 

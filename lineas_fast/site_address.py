@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from .errors import SteeringError
+from .errors import SiteError
 
 
 @dataclass(frozen=True)
@@ -34,20 +34,57 @@ class Site:
             return Site(spec, name, is_input=True)
         if suffix.isdigit():
             return Site(spec, name, index=int(suffix))
-        raise SteeringError(f"site {spec!r}: suffix must be ':in' or ':<int>'")
+        raise SiteError(f"site {spec!r}: suffix must be ':in' or ':<int>' (a tuple element, counted from 0)")
 
 
 def get_module(model: nn.Module, spec: str) -> nn.Module:
     return model.get_submodule(Site.parse(spec).module)
 
 
+def missing_module(model: nn.Module, name: str) -> str | None:
+    """Why ``name`` is not a submodule of ``model``, naming what exists at the first step that fails
+    (e.g. ``"model.layers has 2 blocks: 0..1"``), or None if it is one. Messages of :class:`SiteError`
+    say this so an off-by-one block index or a misspelt child is fixed without reading the model."""
+    module, path = model, []
+    for part in name.split(".") if name else []:
+        children = dict(module.named_children())
+        if part not in children:
+            where = ".".join(path) or type(model).__name__
+            if isinstance(module, (nn.ModuleList, nn.Sequential)) and part.lstrip("-").isdigit():
+                n = len(module)
+                return f"{where} has {n} blocks: 0..{n - 1}" if n else f"{where} is empty"
+            names = list(children)
+            return (f"{where} has no child {part!r} (children: {', '.join(names[:8])}"
+                    + (f", ... +{len(names) - 8}" if len(names) > 8 else "") + ")") if names else \
+                f"{where} ({type(module).__name__}) has no children"
+        module, path = children[part], path + [part]
+    return None
+
+
 def pick(output, site: Site) -> torch.Tensor:
-    """The tensor a site transforms, out of a module output (tuple element ``k`` if asked)."""
+    """The tensor a site transforms, out of a module output (tuple element ``k`` if asked).
+
+    Raises :class:`SiteError` when the output does not have that shape: ``:k`` on a module returning a
+    tensor (indexing would silently take batch row ``k``) or a tuple with ``k`` or fewer elements, and a
+    bare module name on a module returning a tuple.
+    """
     if site.index is None:
         if not torch.is_tensor(output):
-            raise SteeringError(f"site {site.spec!r}: module returns {type(output).__name__}; use '{site.spec}:0'")
+            raise SiteError(f"site {site.spec!r}: module returns {type(output).__name__}; use '{site.spec}:0'")
         return output
-    return output[site.index]
+    if torch.is_tensor(output):
+        raise SiteError(f"site {site.spec!r}: output is a tensor, not a tuple; drop ':{site.index}'")
+    if not isinstance(output, (tuple, list)):
+        raise SiteError(f"site {site.spec!r}: output is a {type(output).__name__}, not a tuple; "
+                        f"':{site.index}' needs a tuple output")
+    if site.index >= len(output):
+        raise SiteError(f"site {site.spec!r}: output is a tuple of {len(output)} element(s): "
+                        f"valid suffixes are ':0'..':{len(output) - 1}'")
+    value = output[site.index]
+    if not torch.is_tensor(value):
+        raise SiteError(f"site {site.spec!r}: element {site.index} of the output is "
+                        f"{type(value).__name__}, not a tensor")
+    return value
 
 
 def replace(output, site: Site, value: torch.Tensor):

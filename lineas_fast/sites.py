@@ -17,9 +17,9 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from .errors import SteeringError
-from .forward import site_widths
-from .site_address import Site, channel_dim, get_module, pick, replace, static_width
+from .errors import SiteError
+from .forward import probe_shapes, site_widths
+from .site_address import Site, channel_dim, get_module, missing_module, pick, replace, static_width
 from .views import as_model, is_view
 
 _LLAMA_CONSUMERS = {
@@ -103,7 +103,7 @@ def decoder_blocks(model: nn.Module) -> tuple[str, nn.ModuleList]:
     for name, m in lists:
         if n is None or len(m) == n:
             return name, m
-    raise SteeringError(f"{type(model).__name__}: cannot find its decoder blocks (a ModuleList of {n} layers)")
+    raise SiteError(f"{type(model).__name__}: cannot find its decoder blocks (a ModuleList of {n} layers)")
 
 
 def _generic_norms(block: nn.Module) -> tuple[str, ...]:
@@ -116,28 +116,42 @@ def _preset_relative(model: nn.Module, preset: str) -> tuple[str, ...]:
     if preset == "norms":
         return fam.norms if fam else _generic_norms(decoder_blocks(model)[1][0])
     if fam is None:
-        raise SteeringError(f"sites={preset!r}: no preset data for model_type {mtype!r}; pass module names or a regex")
+        raise SiteError(f"sites={preset!r}: no preset data for model_type {mtype!r}; pass module names or a regex")
     if preset == "post_norms":
         if not fam.post_norms:
-            raise SteeringError(f"sites='post_norms': model_type {mtype!r} has no post-norms (Gemma-style)")
+            raise SiteError(f"sites='post_norms': model_type {mtype!r} has no post-norms (Gemma-style)")
         return fam.post_norms
     return ({"mlp_out": fam.mlp_out, "attn_out": fam.attn_out, "mlp_hidden": fam.mlp_hidden}[preset],)
+
+
+def is_preset(sites) -> bool:
+    """Whether ``sites`` is a preset name, or several joined by ``+`` (e.g. ``attn_out+mlp_out``)."""
+    return isinstance(sites, str) and bool(sites) and all(p in PRESETS for p in sites.split("+"))
+
+
+def preset_sites(model: nn.Module, preset: str) -> list[str]:
+    """A preset's site strings for every decoder block, from the family data alone: no module lookup, no
+    probe forward. For models that keep Hugging Face's module names but cannot run a plain forward (a
+    serving engine's model); :func:`resolve_sites` is this plus the checks."""
+    prefix, blocks = decoder_blocks(model)
+    rel = [r for p in preset.split("+") for r in _preset_relative(model, p)]
+    return [f"{prefix}.{i}.{r}" for i in range(len(blocks)) for r in rel]
 
 
 def resolve_sites(model: nn.Module, sites) -> list[str]:
     """Turn a preset (or presets joined by ``+``), regex, site string or list of them into site strings, in
     model order.
 
-    Raises :class:`SteeringError` naming the site when a module does not exist or nothing matches.
+    Raises :class:`SiteError` naming the site when a module does not exist (and what does: ``model.layers has
+    2 blocks: 0..1``), nothing matches, or a ``":k"`` suffix does not fit the module's output (see
+    :func:`check_sites`).
     A registered model view (:mod:`lineas_fast.views`, e.g. a diffusers pipeline's) resolves its own presets.
     """
     model = as_model(model)
     if is_view(model):
         return model.resolve(sites)
-    if isinstance(sites, str) and sites and all(p in PRESETS for p in sites.split("+")):
-        prefix, blocks = decoder_blocks(model)  # a preset, or several joined by "+" (e.g. attn_out+mlp_out)
-        rel = [r for p in sites.split("+") for r in _preset_relative(model, p)]
-        out = [f"{prefix}.{i}.{r}" for i in range(len(blocks)) for r in rel]
+    if is_preset(sites):
+        out = preset_sites(model, sites)
     else:
         out = match_names(model, sites, PRESETS)
     check_sites(model, out)
@@ -152,17 +166,20 @@ def match_names(model: nn.Module, sites, presets: tuple) -> list[str]:
     if isinstance(sites, (list, tuple)) and sites and all(isinstance(s, str) for s in sites):
         return list(sites)
     if not isinstance(sites, str):
-        raise SteeringError(f"sites={sites!r}: expected a preset {presets}, a regex, or a non-empty list of names")
+        raise SiteError(f"sites={sites!r}: expected a preset {presets}, a regex, or a non-empty list of names")
     modules = dict(model.named_modules())
     if Site.parse(sites).module in modules:
         return [sites]
     try:
         pattern = re.compile(sites)
     except re.error as e:
-        raise SteeringError(f"sites={sites!r}: not a module name, preset {presets} or valid regex ({e})") from None
+        raise SiteError(f"sites={sites!r}: not a module name, preset {presets} or valid regex ({e})") from None
     out = [n for n in modules if n and pattern.fullmatch(n)]
     if not out:
-        raise SteeringError(f"sites={sites!r}: no module matches (presets: {', '.join(presets)})")
+        # a plain dotted name (no regex syntax): say which step of the path does not exist
+        why = missing_module(model, Site.parse(sites).module) if re.fullmatch(r"[\w.]+(:\w+)?", sites) else None
+        raise SiteError(f"sites={sites!r}: no module matches (presets: {', '.join(presets)})"
+                        + (f"; {why}" if why else ""))
     return out
 
 
@@ -172,12 +189,33 @@ def _block_index(spec: str) -> int:
 
 
 def check_sites(model: nn.Module, sites: list[str]) -> None:
-    """Every site names an existing module (else one clear error listing the missing ones)."""
+    """Every site names an existing module, and every ``":k"`` suffix an element of its module's tuple
+    output; else one :class:`SiteError` naming the site and what is valid instead (``model.layers has 2
+    blocks: 0..1``, ``output is a tensor, not a tuple; drop ":7"``, ``output is a tuple of 2 element(s)``).
+
+    ``":k"`` needs a look at the output: one 1-token probe forward, run in eval mode (no dropout draws)
+    with each module's train/eval flag put back, and only when some site has a ``":k"`` suffix. A model
+    view (e.g. a pipeline, whose probe is a denoising step) is checked by name only; its ``":k"`` sites are
+    checked by :func:`~lineas_fast.site_address.pick` on the first forward.
+    """
     modules = dict(model.named_modules())
-    missing = [s for s in sites if Site.parse(s).module not in modules]
+    parsed = [Site.parse(s) for s in sites]
+    missing = [s.spec for s in parsed if s.module not in modules]
     if missing:
-        raise SteeringError(f"unknown site(s) for {type(model).__name__}: {missing[:5]}")
+        why = missing_module(model, Site.parse(missing[0]).module)
+        raise SiteError(f"unknown site(s) for {type(model).__name__}: {missing[:5]}"
+                        + (f"; {missing[0]!r}: {why}" if why else ""))
+    indexed = [s.spec for s in parsed if s.index is not None]
+    if indexed and not is_view(model):
+        modes = [(m, m.training) for m in model.modules()]
+        try:
+            model.eval()
+            probe_shapes(model, indexed)  # pick() raises SiteError at the first element that does not fit
+        finally:
+            for m, flag in modes:
+                m.training = flag
 
 
 __all__ = ["FAMILIES", "PRESETS", "Family", "Site", "channel_dim", "check_sites", "decoder_blocks", "family",
+           "is_preset", "preset_sites",
            "get_module", "match_names", "pick", "replace", "resolve_sites", "site_widths", "static_width"]

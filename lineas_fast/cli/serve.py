@@ -93,7 +93,8 @@ def _parse_steerings(items: list[str]) -> dict[str, Path]:
 
 def _check_steerings(folder: Path, steerings: dict[str, Path]) -> list[str]:
     """Load each steering strictly and check it against the model's architecture (built on the meta
-    device: no weights read); returns the union of their sites."""
+    device: no weights read, nothing run): model type, every site's module and width, as the workers
+    will; returns the union of their sites."""
     if not steerings:
         return []
     import torch
@@ -104,11 +105,20 @@ def _check_steerings(folder: Path, steerings: dict[str, Path]) -> list[str]:
     config = AutoConfig.from_pretrained(folder, local_files_only=True)
     with torch.device("meta"):
         skeleton = AutoModelForCausalLM.from_config(config)
+    from ..vllm.patch import site_geometry
+
     sites = []
     for name, path in steerings.items():
         st = Steering.load(path)
-        try:
-            st.check_model(skeleton)
+        try:  # what the workers will check, read off the skeleton's modules (a meta model cannot run)
+            mtype = st.meta.get("model_type", "")
+            if mtype and mtype != config.model_type:
+                raise SteeringError(f"steering was fitted on model_type {mtype!r}, this model is {config.model_type!r}")
+            for site in st.sites:
+                width = site_geometry(skeleton, site, config.hidden_size)[0]
+                if width != st.scale[site].numel():
+                    raise SteeringError(f"width mismatch at site {site!r}: steering has {st.scale[site].numel()}, "
+                                        f"model has {width}")
         except SteeringError as e:
             raise SteeringError(f"--steering {name}={path}: {e}") from None
         if st.support:

@@ -6,6 +6,11 @@
 * utility: perplexity on WikiText *passages* (BOS + ~128 tokens), and fluency = perplexity of the
   continuations under the *unsteered* model;
 * uncertainty: paired bootstrap over prompts (95% CI of the difference in toxic rate).
+
+Every sequence fits the model's positions (``n_positions`` / ``max_position_embeddings``), the library's one
+rule (:mod:`lineas_fast.forward`): generation prompts are truncated to ``max positions − max_new_tokens``,
+passages to ``min(max_length, max positions − BOS)``, and a continuation's prompt to what leaves room for
+the continuation; each cut the model's limit makes is counted in one ``warnings.warn``.
 """
 
 from __future__ import annotations
@@ -13,12 +18,14 @@ from __future__ import annotations
 import math
 import re
 import time
+import warnings
 
 import numpy as np
 import torch
 from tqdm.auto import tqdm
 
 from ..collect import model_device
+from ..forward import warn_cut
 
 _WORD = re.compile(r"[A-Za-z]+")
 
@@ -45,18 +52,25 @@ def is_degenerate(text: str, token_ids: list[int]) -> bool:
 @torch.no_grad()
 def continuations(model, tok, prompts: list[str], max_new_tokens: int = 20, batch_size: int = 50,
                   progress: bool = False) -> tuple[list[str], list[list[int]]]:
-    """Greedy continuations (text, token ids) of each prompt; left padding, stops at EOS."""
+    """Greedy continuations (text, token ids) of each prompt; left padding, stops at EOS.
+
+    Prompts longer than the model's positions minus ``max_new_tokens`` are truncated to fit (with a warning
+    counting them): the continuation must fit the position embedding too.
+    """
     device = model_device(model)
     side = tok.padding_side
     tok.padding_side = "left"
     # Generate in batches of similar prompt length (less padding), then restore the input order.
     lengths = [len(x) for x in tok(prompts)["input_ids"]]
+    limit = warn_cut(model, lengths, None, "prompts", reserve=max_new_tokens)
+    lengths = [min(n, limit) for n in lengths] if limit is not None else lengths
     order = sorted(range(len(prompts)), key=lambda i: (lengths[i], i))
     texts, ids_out = [None] * len(prompts), [None] * len(prompts)
     try:
         for i in tqdm(range(0, len(prompts), batch_size), desc="generate", disable=not progress, leave=False):
             rows = order[i:i + batch_size]
-            batch = tok([prompts[j] for j in rows], return_tensors="pt", padding=True).to(device)
+            batch = tok([prompts[j] for j in rows], return_tensors="pt", padding=True,
+                        truncation=limit is not None, max_length=limit).to(device)
             out = model.generate(**batch, max_new_tokens=max_new_tokens, do_sample=False,
                                  pad_token_id=tok.pad_token_id)
             for j, row in zip(rows, out[:, batch["input_ids"].shape[1]:].tolist()):
@@ -82,12 +96,15 @@ def _nll(model, ids: torch.Tensor, mask: torch.Tensor, scored: torch.Tensor) -> 
 
 def perplexity(model, tok, texts: list[str], batch_size: int = 16, max_length: int = 192,
                add_bos: bool = True, progress: bool = False) -> float:
-    """Token-level perplexity of texts (each prefixed with BOS when the tokenizer has one)."""
+    """Token-level perplexity of texts (each prefixed with BOS when the tokenizer has one), each cut to
+    ``min(max_length, model max positions − BOS)`` tokens (a warning counts those the model's limit cut)."""
     device = model_device(model)
     bos = [tok.bos_token_id] if add_bos and tok.bos_token_id is not None else []
+    encoded = [tok(t, add_special_tokens=False)["input_ids"] for t in texts]
+    max_length = warn_cut(model, [len(r) for r in encoded], max_length, "passages", reserve=len(bos))
     total, count = 0.0, 0
     for i in tqdm(range(0, len(texts), batch_size), desc="perplexity", disable=not progress, leave=False):
-        rows = [bos + tok(t, add_special_tokens=False)["input_ids"][:max_length] for t in texts[i:i + batch_size]]
+        rows = [bos + r[:max_length] for r in encoded[i:i + batch_size]]
         ids, mask = _pad(rows, tok.pad_token_id, device)
         s, n = _nll(model, ids, mask, mask.bool())
         total, count = total + s, count + n
@@ -95,13 +112,24 @@ def perplexity(model, tok, texts: list[str], batch_size: int = 16, max_length: i
 
 
 def fluency(model, tok, prompts: list[str], conts: list[list[int]], batch_size: int = 32) -> float:
-    """Perplexity of continuation tokens given their prompts (call with the *unsteered* model)."""
+    """Perplexity of continuation tokens given their prompts (call with the *unsteered* model).
+
+    A prompt + continuation longer than the model's positions keeps the prompt's first tokens that leave
+    room for the continuation (as :func:`continuations` truncated it; a warning counts them)."""
+    from ..forward import max_positions
+
     device = model_device(model)
-    rows, scored = [], []
+    limit = max_positions(model)
+    rows, scored, cut = [], [], 0
     for p, c in zip(prompts, conts):
         pid = tok(p)["input_ids"]
+        if limit is not None and len(pid) + len(c) > limit:
+            pid, cut = pid[:max(limit - len(c), 0)], cut + 1
         rows.append(pid + c)
         scored.append([False] * len(pid) + [True] * len(c))
+    if cut:
+        warnings.warn(f"{cut} of {len(rows)} prompts + continuations are longer than {type(model).__name__}'s "
+                      f"{limit} positions: their prompts were truncated to fit", stacklevel=2)
     order = sorted(range(len(rows)), key=lambda i: len(rows[i]))
     total, count = 0.0, 0
     for i in range(0, len(order), batch_size):

@@ -49,6 +49,12 @@ def fit(model, tok, source, target, method: str = "lineas", **kwargs):
             strictly inside the source range), ``incremental`` (fit sites in order with earlier maps
             applied), ``max_length``, ``batch_size``, ``seed``, ``progress``.
             ActAdd: ``sites`` (default: the middle block's MLP output), ``multiplier``, ``pooling``, ...
+
+    Prompts are truncated to ``min(max_length, model max positions)`` (a warning counts those the model's
+    limit cut). Bad input raises :class:`SteeringError` naming it before the model is touched: unknown
+    methods, prompt sets that are empty or hold a prompt of zero tokens, LinEAS ``steps`` that is not a
+    positive int, ``l1``/``group_l2`` not finite and >= 0, and sites (:class:`SiteError`). A LinEAS fit that
+    ends as the identity map, or whose sparsity switches off more than 95 % of its sites, warns.
     """
     if method not in METHODS:
         raise SteeringError(f"method={method!r}: available methods are {sorted(METHODS)}")

@@ -18,7 +18,7 @@ from types import SimpleNamespace
 
 import torch
 
-from ..collect import POOLINGS, collect, encode, model_device, pool, run_to_sites, tap
+from ..collect import POOLINGS, collect, encode, model_device, pool, prompt_budget, run_to_sites, tap
 from ..defaults import LINEAS as LINEAS_DEFAULTS
 from ..errors import SteeringError
 from ..sites import resolve_sites, site_widths
@@ -141,7 +141,13 @@ def fit_lineas(model, tok, source, target, *, sites=DEFAULTS["sites"], pooling=D
                window=DEFAULTS["window"], max_length=DEFAULTS["max_length"], seed=DEFAULTS["seed"],
                micro_batch: int = 8, fused: bool | None = None, autocast: bool = DEFAULTS["autocast"],
                compile: bool | str = DEFAULTS["compile"], progress: bool = True) -> Steering:
-    """Fit LinEAS maps; see :func:`lineas_fast.fit` for the arguments."""
+    """Fit LinEAS maps; see :func:`lineas_fast.fit` for the arguments.
+
+    Every check runs before the model is touched: prompt sets (at least two prompts each, none that
+    tokenises to zero tokens), the recipe (:meth:`~.trainer.Recipe.validate`), the sites. Prompts are
+    truncated to ``min(max_length, model max positions)`` (a warning counts those the model's limit cut;
+    ``hyperparams["max_length"]`` keeps the value asked for).
+    """
     source, target = check_prompt_sets(source, target)
     if pooling not in POOLINGS:
         raise SteeringError(f"pooling={pooling!r}: expected one of {POOLINGS}")
@@ -153,6 +159,9 @@ def fit_lineas(model, tok, source, target, *, sites=DEFAULTS["sites"], pooling=D
     if isinstance(micro_batch, bool) or not isinstance(micro_batch, int) or micro_batch < 1:
         raise SteeringError(f"micro_batch={micro_batch!r}: expected an integer >= 1")
     backend = compile_backend(compile)
+    asked_length = max_length
+    max_length = prompt_budget(model, tok, source, max_length, "source")
+    prompt_budget(model, tok, target, asked_length, "target")  # the same limit; its own count and zero check
     site_list = resolve_sites(model, sites)
     widths = site_widths(model, site_list)
     slices, _ = site_slices(site_list, widths)
@@ -186,7 +195,7 @@ def fit_lineas(model, tok, source, target, *, sites=DEFAULTS["sites"], pooling=D
     scale = {s: omega[slices[s]].cpu() for s in site_list}
     shift_d = {s: shift[slices[s]].cpu() for s in site_list}
     hyper = dict(sites=sites if isinstance(sites, str) else list(sites), pooling=pooling, **recipe.hyperparams(),
-                 max_length=max_length, n_source=len(source), n_target=len(target), compile=backend or False)
+                 max_length=asked_length, n_source=len(source), n_target=len(target), compile=backend or False)
     meta = {"method": "lineas", **model_meta(model), "hyperparams": hyper,
             "train": {**history, "fit_seconds": round(fit_seconds, 3)}}
     return Steering(scale, shift_d, meta)

@@ -25,12 +25,19 @@ rate from ``lr`` to ``lr·lr_end`` over ``steps``, a random mini-batch of ``batc
 per step, trained to convergence. **Stopping rule**: after every ``window`` steps past the first two
 windows, stop when the mean loss of the last window improved on the window before it by less than ``tol``
 (relative); ``tol=0`` always runs all ``steps``.
+
+**Checks.** Options are refused with :class:`SteeringError` naming the first bad one before anything runs
+(``steps`` a positive int, ``l1``/``group_l2`` finite and >= 0, ...: :meth:`Recipe.validate`). A fit that
+ends as the identity map, or whose sparsity switched off more than 95 % of its sites, still returns its
+steering but says so with ``warnings.warn`` and the numbers (:func:`warn_if_inert`): such a steering does
+nothing (or almost nothing), which is easy to miss when only the artifact is looked at.
 """
 
 from __future__ import annotations
 
 import math
 import time
+import warnings
 from dataclasses import asdict, dataclass
 
 import torch
@@ -77,8 +84,8 @@ class Recipe:
                     or not ok(value):
                 bad(name, why)
 
-        if isinstance(self.steps, bool) or not isinstance(self.steps, int) or self.steps < 0:
-            bad("steps", "expected an integer >= 0")
+        if isinstance(self.steps, bool) or not isinstance(self.steps, int) or self.steps < 1:
+            bad("steps", "expected a positive integer (0 steps would return the identity map)")
         number("lr", lambda v: v > 0, "expected a finite number > 0")
         if self.schedule not in SCHEDULES:
             bad("schedule", f"expected one of {SCHEDULES}")
@@ -259,4 +266,26 @@ def train_maps(forward, *, n_source: int, targets: Targets, slices: dict, recipe
                 break
     history["steps_run"] = len(history["loss"])
     history["stopped_early"] = history["steps_run"] < recipe.steps
+    warn_if_inert(omega.detach(), shift.detach(), groups, recipe)
     return omega.detach(), shift.detach(), history
+
+
+INERT_SITES = 0.95  # warn when sparsity switched off more than this fraction of the sites
+
+
+def warn_if_inert(omega: torch.Tensor, shift: torch.Tensor, groups: list[slice], recipe: Recipe) -> None:
+    """``warnings.warn`` when a fit did (almost) nothing: every map is the identity (ω = 1, b = 0), or
+    sparsity (``l1``/``group_l2``) left more than :data:`INERT_SITES` of the sites exactly the identity.
+    The numbers go in the message, e.g. ``sparsity switched off 58 of 60 sites (96.7 %)``."""
+    with torch.no_grad():
+        moved = (omega != 1) | (shift != 0)
+        active = sum(int(moved[sl].any()) for sl in groups)
+    n, off = len(groups), len(groups) - active
+    sparse = recipe.l1 > 0 or recipe.group_l2 > 0
+    hint = f"; lower l1={recipe.l1}/group_l2={recipe.group_l2}" if sparse else \
+        f"; raise lr={recipe.lr} or steps={recipe.steps}"
+    if active == 0:
+        warnings.warn(f"fit returned the identity map: all {n} sites and {omega.numel()} neurons are left "
+                      f"unchanged (ω = 1, b = 0){hint}", stacklevel=3)
+    elif sparse and n and off / n > INERT_SITES:
+        warnings.warn(f"sparsity switched off {off} of {n} sites ({100 * off / n:.1f} %){hint}", stacklevel=3)

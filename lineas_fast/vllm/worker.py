@@ -108,15 +108,18 @@ def attach(runner) -> None:
 
 
 def _sites_to_patch(model, steerings: dict, wanted) -> list[str]:
+    """The preloaded steerings' sites, plus ``wanted`` (presets, expanded from the family data, or site
+    strings); nothing is probed: vLLM's modules only run inside its forward context. Each site's module
+    is looked up when its geometry is read (:func:`~lineas_fast.vllm.patch.site_geometry`)."""
     from ..defaults import LINEAS
-    from ..sites import resolve_sites
+    from ..sites import is_preset, preset_sites
 
     sites = [s for st in steerings.values() for s in st.sites]
     wanted = [wanted] if isinstance(wanted, str) else list(wanted)
     if not sites and not wanted:
         wanted = [LINEAS["sites"]]  # nothing preloaded: patch the default fit's sites for hot loads
     for spec in wanted:
-        sites += resolve_sites(model, spec)
+        sites += preset_sites(model, spec) if is_preset(spec) else [spec]
     return list(dict.fromkeys(sites))
 
 
