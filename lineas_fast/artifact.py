@@ -95,7 +95,7 @@ def _parse_header(raw: bytes, size: int) -> tuple[dict, dict, int]:
         if not isinstance(info, dict) or set(info) != TENSOR_FIELDS:
             raise _Bad(f"tensor {name!r}: header entry must have exactly {sorted(TENSOR_FIELDS)}")
         dtype, shape, offsets = info["dtype"], info["shape"], info["data_offsets"]
-        if dtype not in DTYPE_BYTES:
+        if not isinstance(dtype, str) or dtype not in DTYPE_BYTES:
             raise _Bad(f"tensor {name!r}: unknown dtype {str(dtype)[:20]!r}")
         if not isinstance(shape, list) or len(shape) > 8 or not all(_is_int(d) and d >= 0 for d in shape):
             raise _Bad(f"tensor {name!r}: shape must be a list of non-negative integers, got {str(shape)[:60]}")

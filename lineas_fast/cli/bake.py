@@ -1,13 +1,13 @@
-"""``lineas-fast bake``: its options and :func:`run`, which folds a steering into the weights with
-:func:`lineas_fast.bake`, saves a plain transformers checkpoint and checks that stock transformers
-reloads it with the steered logits."""
+"""``lineas-fast bake``: its options, :func:`validate` (the torch-free argument checks
+:func:`lineas_fast.cli.main` runs first) and :func:`run`, which folds a steering into the weights with
+:func:`lineas_fast.bake`, saves a plain transformers checkpoint and checks that stock transformers reloads
+it with the steered logits."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
-from ..errors import SteeringError
-from .common import load_model, load_steering, model_for, no_hf_bars, say
+from .common import finite, load_model, load_steering, model_for, no_hf_bars, output_dir, say
 
 
 def add_parser(sub, common, fmt) -> None:
@@ -25,7 +25,14 @@ def add_parser(sub, common, fmt) -> None:
                    help="embedded model name or local folder (default: the model recorded in the steering file)")
     b.add_argument("--no-verify", action="store_true",
                    help="skip reloading the checkpoint with stock transformers to compare logits")
-    b.set_defaults(func=run)
+    b.set_defaults(func=run, validate=validate)
+
+
+def validate(args) -> None:
+    """Refuse a non-finite strength and an ``--out`` that is a file or cannot be written, before torch is
+    imported or the model loaded (not after the bake)."""
+    finite("--strength", args.strength)
+    output_dir("--out", args.out)
 
 
 def run(args) -> int:
@@ -35,8 +42,6 @@ def run(args) -> int:
 
     st = load_steering(args.steering)
     out = Path(args.out)
-    if out.exists() and not out.is_dir():
-        raise SteeringError(f"--out {args.out!r} exists and is not a folder")
     model, tok = load_model(model_for(st, args.model))
     probe = tok(["The weather today is", "You are such a"], return_tensors="pt", padding=True)
     with torch.no_grad(), lf.steered(model, st, strength=args.strength, mode="hooks"):

@@ -1,16 +1,20 @@
 """``lineas-fast eval --methods``: the method comparison (its options are defined with ``eval`` in
-:mod:`lineas_fast.cli.eval`), the parsing of ``--sparsity`` and ``--variant``, and :func:`run`, which
-fits and evaluates every method with :func:`lineas_fast.evaluate.compare` and writes a results folder."""
+:mod:`lineas_fast.cli.eval`), the parsing of ``--sparsity`` and ``--variant``, :func:`validate` (the
+torch-free argument checks, run before anything loads) and :func:`run`, which fits and evaluates every
+method with :func:`lineas_fast.evaluate.compare` and writes a results folder."""
 
 from __future__ import annotations
 
 import inspect
+import math
 import sys
 import time
 
-from ..defaults import DEFAULT_MODEL
+from ..defaults import DEFAULT_MODEL, METHOD_NAMES
 from ..errors import SteeringError
-from .common import load_model, positive, say, secs, strengths
+from .common import check_prompts, load_model, output_dir, positive, read_prompts, say, secs, strengths
+
+DEFAULT_MULTIPLIERS = "2,4,8"
 
 
 def sparsity_arg(text: str) -> dict:
@@ -24,8 +28,8 @@ def sparsity_arg(text: str) -> dict:
             grid[key] = float(val)
         except ValueError:
             raise SteeringError(f"--sparsity {text!r}: {val!r} is not a number") from None
-        if grid[key] < 0:
-            raise SteeringError(f"--sparsity {text!r}: {key} must be >= 0")
+        if not (math.isfinite(grid[key]) and grid[key] >= 0):
+            raise SteeringError(f"--sparsity {text!r}: {key} must be a finite number >= 0")
     return grid
 
 
@@ -64,35 +68,63 @@ def variant_arg(text: str, methods) -> tuple:
     return label, method, kwargs
 
 
-def run(args) -> int:
-    """``eval --methods``: the method comparison, written as a results folder."""
-    import shlex
-
-    from .. import evaluate, report
-    from ..data import load_texts, wiki_passages
-    from ..methods import METHODS
-
-    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
-    variants = [variant_arg(v, METHODS) for v in args.variant]
-    extra = {}
-    for text in args.method_strengths:
-        label, _, values = text.partition("=")
-        extra[label.strip()] = strengths(values)
-    unknown = [m for m in methods if m not in METHODS]
+def method_list(text: str) -> list[str]:
+    methods = [m.strip() for m in text.split(",") if m.strip()]
+    unknown = [m for m in methods if m not in METHOD_NAMES]
     if unknown or not methods:
-        raise SteeringError(f"--methods: unknown method(s) {unknown} (available: {', '.join(METHODS)})")
+        raise SteeringError(f"--methods: unknown method(s) {unknown} (available: {', '.join(METHOD_NAMES)})")
+    return methods
+
+
+def validate(args) -> None:
+    """The torch-free checks of ``eval --methods``: method names, ``--out`` given and writable, strengths
+    and multipliers finite, ``--sparsity`` well-formed, counts positive, prompt files UTF-8 text, and
+    ``--multipliers`` refused when no ``actadd`` would use them. (``--variant`` options are checked against
+    the method's signature in :func:`run`, still before the model loads.)"""
+    methods = method_list(args.methods)
     if not args.out:
         raise SteeringError("--methods needs --out DIR (the results folder; rerunning resumes it)")
     if args.steering is not None:
         raise SteeringError("give either --steering or --methods, not both")
-    lams = strengths(args.strengths or "0,0.25,0.5,0.75,1")
-    multipliers = strengths(args.multipliers) if "actadd" in methods else []
-    sparsity = [sparsity_arg(x) for x in args.sparsity]
+    output_dir("--out", args.out)
+    strengths(args.strengths or "0,0.25,0.5,0.75,1")
+    if args.multipliers is not None:
+        if "actadd" not in methods:
+            raise SteeringError("--multipliers applies to actadd, which --methods does not list")
+        strengths(args.multipliers, "--multipliers")
+    for text in args.method_strengths:
+        strengths(text.partition("=")[2], "--method-strengths")
+    for text in args.sparsity:
+        sparsity_arg(text)
     positive("--prompts", args.prompts)
     positive("--passages", args.passages)
     positive("--steps", args.steps)
-    src, tgt = load_texts(args.source, "fit"), load_texts(args.target, "fit")
-    prompts = load_texts(args.prompt_set, "eval")[:args.prompts]
+    check_prompts("--source", args.source or "toxic", "fit")
+    check_prompts("--target", args.target or "nontoxic", "fit")
+    check_prompts("--prompt-set", args.prompt_set, "eval")
+
+
+def run(args) -> int:
+    """``eval --methods``: the method comparison, written as a results folder (arguments checked by
+    :func:`validate`)."""
+    import shlex
+
+    from .. import evaluate, report
+    from ..data import wiki_passages
+    from ..methods import METHODS
+
+    methods = method_list(args.methods)
+    variants = [variant_arg(v, METHODS) for v in args.variant]
+    extra = {}
+    for text in args.method_strengths:
+        label, _, values = text.partition("=")
+        extra[label.strip()] = strengths(values, "--method-strengths")
+    lams = strengths(args.strengths or "0,0.25,0.5,0.75,1")
+    multipliers = strengths(args.multipliers or DEFAULT_MULTIPLIERS, "--multipliers") if "actadd" in methods else []
+    sparsity = [sparsity_arg(x) for x in args.sparsity]
+    src = read_prompts("--source", args.source or "toxic", "fit")
+    tgt = read_prompts("--target", args.target or "nontoxic", "fit")
+    prompts = read_prompts("--prompt-set", args.prompt_set, "eval")[:args.prompts]
     model, tok = load_model(args.model or DEFAULT_MODEL)
     passages = wiki_passages(tok, "eval")[:args.passages]
     if not passages:

@@ -1,11 +1,12 @@
-"""``lineas-fast demo``: its options and :func:`run` (what ``make demo`` runs; the work is in
+"""``lineas-fast demo``: its options, :func:`validate` (the torch-free argument checks
+:func:`lineas_fast.cli.main` runs first) and :func:`run` (what ``make demo`` runs; the work is in
 :func:`lineas_fast.demo.run_demo`)."""
 
 from __future__ import annotations
 
 from ..defaults import DEFAULT_MODEL, DEMO_QUICK as QUICK
 from ..defaults import LINEAS as D
-from .common import load_model, say
+from .common import load_model, output_dir, positive, say
 
 
 def add_parser(sub, common, fmt) -> None:
@@ -30,7 +31,15 @@ def add_parser(sub, common, fmt) -> None:
                         "point costs a protocol evaluation; the table rows always use all of them)")
     d.add_argument("--quick", action="store_true",
                    help=f"smoke run: {QUICK['steps']} steps, {QUICK['prompts']} prompts, {QUICK['passages']} passages")
-    d.set_defaults(func=run)
+    d.set_defaults(func=run, validate=validate)
+
+
+def validate(args) -> None:
+    """Refuse non-positive counts and an ``--out`` that cannot be written, before the model loads."""
+    positive("--prompts", args.prompts)
+    positive("--steps", args.steps)
+    positive("--curve-prompts", args.curve_prompts)
+    output_dir("--out", args.out)
 
 
 def run(args) -> int:

@@ -1,4 +1,5 @@
-"""``lineas-fast eval``: its options and :func:`run`, the protocol table of one steering against the
+"""``lineas-fast eval``: its options, :func:`validate` (the torch-free argument checks
+:func:`lineas_fast.cli.main` runs first) and :func:`run`, the protocol table of one steering against the
 unsteered model (``--steering``); ``--methods`` hands over to :mod:`lineas_fast.cli.compare`."""
 
 from __future__ import annotations
@@ -8,7 +9,12 @@ from pathlib import Path
 
 from ..defaults import LINEAS as D
 from ..errors import SteeringError
-from .common import load_model, load_steering, model_for, positive, say, secs, steering_cells, strengths
+from .common import (check_prompts, load_model, load_steering, model_for, output_dir, positive, read_prompts,
+                     refuse_given, say, secs, steering_cells, strengths)
+
+# Options only a --methods comparison uses: with --steering they are refused, not ignored.
+METHODS_ONLY = {"multipliers": "--multipliers", "sparsity": "--sparsity", "steps": "--steps", "variant": "--variant",
+                "method_strengths": "--method-strengths", "source": "--source", "target": "--target"}
 
 
 def add_parser(sub, common, fmt) -> None:
@@ -29,8 +35,9 @@ def add_parser(sub, common, fmt) -> None:
                            "lineas,linear_act,linear_act_incremental,mean_act,gaussian_ot,actadd")
     e.add_argument("--strengths", default=None, metavar="LIST",
                    help="comma-separated strengths [default: 1 with --steering, 0,0.25,0.5,0.75,1 with --methods]")
-    e.add_argument("--multipliers", default="2,4,8", metavar="LIST",
-                   help="--methods: ActAdd multipliers evaluated at strength 1, besides its strength sweep")
+    e.add_argument("--multipliers", default=None, metavar="LIST",
+                   help="--methods: ActAdd multipliers evaluated at strength 1, besides its strength sweep "
+                        "[default: 2,4,8]")
     e.add_argument("--sparsity", action="append", default=[], metavar="l1=X[,group_l2=Y]",
                    help="--methods: an extra LinEAS fit with these sparsity settings, evaluated at strength 1 "
                         "(repeat for a λ sweep, e.g. --sparsity l1=0 --sparsity l1=30)")
@@ -41,9 +48,9 @@ def add_parser(sub, common, fmt) -> None:
                         "linear_act_q=linear_act:support=q_0_100 or lineas_mean=lineas:pooling=mean (repeatable)")
     e.add_argument("--method-strengths", action="append", default=[], metavar="LABEL=LIST",
                    help="--methods: extra strengths for one method, e.g. linear_act=0.05,0.1 (repeatable)")
-    e.add_argument("--source", default="toxic", metavar="toxic|PATH",
+    e.add_argument("--source", default=None, metavar="toxic|PATH",
                    help="--methods: source prompts to fit on (default: the toxic fit slice)")
-    e.add_argument("--target", default="nontoxic", metavar="nontoxic|PATH",
+    e.add_argument("--target", default=None, metavar="nontoxic|PATH",
                    help="--methods: target prompts to fit on (default: the nontoxic fit slice)")
     e.add_argument("--prompts", type=int, default=None, metavar="N",
                    help="use the first N prompts of the eval slice (default: all 300)")
@@ -56,12 +63,30 @@ def add_parser(sub, common, fmt) -> None:
                         "file, or the embedded default with --methods)")
     e.add_argument("--out", default=None, metavar="DIR",
                    help="write results.json, table.md and plots here (required with --methods)")
-    e.set_defaults(func=run)
+    e.set_defaults(func=run, validate=validate)
+
+
+def validate(args) -> None:
+    """Refuse bad arguments before torch is imported or a model loaded: strengths that are not finite
+    numbers, non-positive counts, a prompt file that is not UTF-8 text, an ``--out`` folder that cannot be
+    written, and (with --steering) the options only --methods uses."""
+    if args.methods is not None:
+        from .compare import validate as validate_compare
+
+        validate_compare(args)
+        return
+    refuse_given(args, METHODS_ONLY, "applies to eval --methods only")
+    strengths(args.strengths or "1")
+    positive("--prompts", args.prompts)
+    positive("--passages", args.passages)
+    check_prompts("--prompt-set", args.prompt_set, "eval")
+    if args.out is not None:
+        output_dir("--out", args.out)
 
 
 def run(args) -> int:
     from .. import report
-    from ..data import load_texts, wiki_passages
+    from ..data import wiki_passages
     from ..evaluate import evaluate_steering, summary_row
 
     if args.methods:
@@ -69,10 +94,8 @@ def run(args) -> int:
 
         return run_compare(args)
     lams = strengths(args.strengths or "1")
-    positive("--prompts", args.prompts)
-    positive("--passages", args.passages)
     st = load_steering(args.steering)
-    prompts = load_texts(args.prompt_set, "eval")
+    prompts = read_prompts("--prompt-set", args.prompt_set, "eval")
     if args.prompts is not None:
         prompts = prompts[:args.prompts]
     model, tok = load_model(model_for(st, args.model))

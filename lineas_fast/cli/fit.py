@@ -1,6 +1,7 @@
 """``lineas-fast fit``: its options (the LinEAS defaults shown come from :data:`lineas_fast.defaults.LINEAS`)
-and :func:`run`, which fits a steering with :func:`lineas_fast.fit` and saves it (``--pipeline``: on a
-diffusers pipeline, see :mod:`lineas_fast.cli.pipeline`)."""
+:func:`validate`, the torch-free argument checks :func:`lineas_fast.cli.main` runs first, and :func:`run`,
+which fits a steering with :func:`lineas_fast.fit` and saves it (``--pipeline``: on a diffusers pipeline, see
+:mod:`lineas_fast.cli.pipeline`)."""
 
 from __future__ import annotations
 
@@ -11,7 +12,8 @@ from pathlib import Path
 from ..defaults import DEFAULT_MODEL, METHOD_NAMES
 from ..defaults import LINEAS as D
 from ..errors import SteeringError
-from .common import load_model, pipeline_args, say, secs, sites_arg
+from .common import (PIPELINE_ONLY, check_prompts, finite, load_model, non_negative, output_file, pipeline_args,
+                     positive, read_prompts, refuse_given, say, secs, sites_arg)
 
 
 def add_parser(sub, common, fmt) -> None:
@@ -27,7 +29,8 @@ def add_parser(sub, common, fmt) -> None:
                    help="target prompts, as --source [default: nontoxic — non-toxic sentence beginnings in the "
                         "toxic prompts' register, see docs/tuning.md]")
     f.add_argument("--out", required=True, metavar="FILE", help="steering file to write (.safetensors)")
-    f.add_argument("--model", default=DEFAULT_MODEL, help="embedded model name or a local HF checkpoint folder")
+    f.add_argument("--model", default=None,
+                   help=f"embedded model name or a local HF checkpoint folder [default: {DEFAULT_MODEL}]")
     f.add_argument("--method", default="lineas", choices=list(METHOD_NAMES),
                    help="fitting method: LinEAS (end to end) or a per-site baseline of the AcT family / ActAdd")
     f.add_argument("--sites", nargs="+", default=None, metavar="SITE",
@@ -80,17 +83,58 @@ def add_parser(sub, common, fmt) -> None:
                    help="lineas: compile the training step (torch.compile of the decoder blocks, static packed "
                         "shapes; the first step pays the compilation)")
     pipeline_args(f, fit=True)
-    f.set_defaults(func=run)
+    f.set_defaults(func=run, validate=validate)
+
+
+def validate(args) -> None:
+    """Refuse bad arguments before torch is imported or the model loaded: non-finite or out-of-range
+    numbers, prompt files that are not UTF-8 text, an ``--out`` that cannot be written (checked now, not
+    after the fit), and options the chosen kind of model would ignore."""
+    if args.pipeline:
+        if args.model is not None:
+            raise SteeringError("--model does not apply to --pipeline (the pipeline folder is the model)")
+        if args.max_length is not None or args.autocast:
+            raise SteeringError("--max-length/--autocast apply to language models, not to --pipeline")
+        from .pipeline import parse_size
+
+        parse_size(args.size)
+        positive("--num-inference-steps", args.num_inference_steps)
+    else:
+        refuse_given(args, PIPELINE_ONLY, "applies to --pipeline only (fitting a text-to-image pipeline)")
+    if args.steps is not None and args.steps < 0:
+        raise SteeringError(f"--steps={args.steps}: must be >= 0")
+    positive("--lr", args.lr)
+    for name, value in (("--lr-end", args.lr_end), ("--multiplier", args.multiplier)):
+        finite(name, value)
+    for name, value in (("--preserve", args.preserve), ("--tol", args.tol), ("--l1", args.l1),
+                        ("--group-l2", args.group_l2)):
+        non_negative(name, value)
+    for name, value in (("--window", args.window), ("--batch-size", args.batch_size),
+                        ("--max-length", args.max_length)):
+        positive(name, value)
+    check_prompts("--source", args.source, "fit")
+    check_prompts("--target", args.target, "fit")
+    output_file("--out", args.out)
+
+
+def precheck_lineas(kwargs: dict) -> None:
+    """LinEAS's own option rules (:meth:`Recipe.validate`, e.g. ``lr_end`` in (0, 1]), applied before the
+    model is loaded rather than by :func:`lineas_fast.fit` after it."""
+    from dataclasses import fields
+
+    from ..methods.trainer import Recipe
+
+    names = {f.name for f in fields(Recipe)}
+    Recipe(**{k: v for k, v in {**D, **kwargs}.items() if k in names}).validate()
 
 
 def run(args) -> int:
     import lineas_fast as lf
 
-    from ..data import load_texts
     from ..methods import METHODS
 
-    src = load_texts(args.source, "fit")
-    tgt = load_texts(args.target, "fit")
+    src = read_prompts("--source", args.source, "fit")
+    tgt = read_prompts("--target", args.target, "fit")
     if args.pipeline:
         from .pipeline import pipeline_fit_options
 
@@ -114,15 +158,15 @@ def run(args) -> int:
     wrong = [k for k in kwargs if accepted and k not in accepted]
     if wrong:
         raise SteeringError(f"--{wrong[0].replace('_', '-')} does not apply to --method {args.method}")
+    if args.method == "lineas":
+        precheck_lineas(kwargs)
     out = Path(args.out)
-    if out.parent and not out.parent.exists():
-        raise SteeringError(f"--out {args.out!r}: folder {str(out.parent)!r} does not exist")
     if args.pipeline:
         from ..diffusion.grid import load_pipeline
 
         model, tok = load_pipeline(args.pipeline, args.device, args.dtype), None
     else:
-        model, tok = load_model(args.model)
+        model, tok = load_model(args.model or DEFAULT_MODEL)
     t0 = time.perf_counter()
     st = lf.fit(model, tok, src, tgt, method=args.method, progress=True, **kwargs)
     wall = secs(t0)

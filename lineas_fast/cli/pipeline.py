@@ -8,7 +8,7 @@ from __future__ import annotations
 import inspect
 
 from ..errors import SteeringError
-from .common import load_steering, say, strengths
+from .common import GRID_DEFAULTS, load_steering, say, strengths
 
 
 def parse_size(text: str | None):
@@ -29,8 +29,6 @@ def pipeline_fit_options(args) -> tuple[set, dict]:
     from ..diffusion.lineas import fit_lineas_pipeline
     from ..diffusion.view import RUN_OPTIONS
 
-    if args.max_length is not None or args.autocast:
-        raise SteeringError("--max-length/--autocast apply to language models, not to --pipeline")
     fn = fit_lineas_pipeline if args.method == "lineas" else METHODS[args.method]
     accepted = set(inspect.signature(fn).parameters) | (set(RUN_OPTIONS) if args.method != "lineas" else set())
     opts = {"size": parse_size(args.size), "num_inference_steps": args.num_inference_steps}
@@ -38,18 +36,22 @@ def pipeline_fit_options(args) -> tuple[set, dict]:
 
 
 def run_generate(args) -> int:
-    """``generate --pipeline``: a PNG grid, one row per prompt and one column per strength."""
+    """``generate --pipeline``: a PNG grid, one row per prompt and one column per strength (the arguments
+    were checked by :func:`lineas_fast.cli.generate.validate`; options left out take
+    :data:`~lineas_fast.cli.common.GRID_DEFAULTS`)."""
     from ..diffusion.grid import load_pipeline, save_grid, strength_grid
 
     prompts = list(args.prompt) + list(args.prompts_opt)
     if not prompts:
         raise SteeringError("generate --pipeline: give at least one --prompt")
-    columns = strengths(args.strengths)
+    given = {k: getattr(args, k) for k in GRID_DEFAULTS}
+    opts = {k: GRID_DEFAULTS[k] if v is None else v for k, v in given.items()}
+    columns = strengths(opts["strengths"])
     st = load_steering(args.steering)
     pipe = load_pipeline(args.pipeline, args.device, args.dtype)
     pipe.set_progress_bar_config(disable=True)
     images = strength_grid(pipe, st, prompts, columns, num_inference_steps=args.num_inference_steps,
-                           guidance_scale=args.guidance_scale, seed=args.seed, size=parse_size(args.size))
-    path = save_grid(images, prompts, columns, args.out)
+                           guidance_scale=args.guidance_scale, seed=opts["seed"], size=parse_size(args.size))
+    path = save_grid(images, prompts, columns, opts["out"])
     say(f"saved {path}: {len(prompts)} prompt row(s) x {len(columns)} strength column(s) {columns}")
     return 0
