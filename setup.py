@@ -1,4 +1,4 @@
-"""Build script: Python packages, Triton kernels (kernels/ -> lineas_fast.kernels) and the C++/CUDA
+"""Build script: Python packages, Triton kernels (lineas_fast/kernels) and the C++/CUDA
 extensions. Metadata (and the version, from lineas_fast/_version.py) live in pyproject.toml.
 
 Extensions (torch.utils.cpp_extension, ninja):
@@ -89,8 +89,7 @@ def extensions():
 if __name__ == "__main__":  # pip / setuptools run this file as __main__; tests import its helpers
     ext_modules, cmdclass = extensions()
     setup(
-        packages=[*find_packages(include=["lineas_fast", "lineas_fast.*"]), "lineas_fast.kernels"],
-        package_dir={"lineas_fast.kernels": "kernels"},
+        packages=find_packages(include=["lineas_fast", "lineas_fast.*"]),
         ext_modules=ext_modules,
         cmdclass=cmdclass,
     )
