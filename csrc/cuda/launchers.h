@@ -4,18 +4,6 @@
 #include <cstdint>
 #include <cuda_runtime_api.h>
 
-extern "C" {
-
-// y = x + s_b * (scale * x + shift - x) over `rows` rows of length d; row r uses
-// strength[r / rows_per_b]. dtype: 0 = float32, 1 = bfloat16, 2 = float16 (x and y);
-// scale, shift, strength are float32. All pointers are contiguous device memory.
-cudaError_t lineas_affine_rows_launch(const void* x, void* y, const float* scale,
-                                      const float* shift, const float* strength, int64_t rows,
-                                      int64_t rows_per_b, int64_t d, int dtype,
-                                      cudaStream_t stream);
-
-}  // extern "C"
-
 // ------------------------------------------------------------------ lineas::norm_affine (norm_affine.cu)
 // Plain C++ (not extern "C"): raw device pointers, no torch, no exceptions; each returns a cudaError_t.
 enum LineasDtype : int { LINEAS_F32 = 0, LINEAS_BF16 = 1, LINEAS_F16 = 2 };
