@@ -23,6 +23,7 @@ from __future__ import annotations
 import asyncio
 import json
 import re
+import time
 from collections import Counter
 
 from fastapi import APIRouter, Request
@@ -53,6 +54,7 @@ class SteeringEndpoints:
         self.in_flight: Counter = Counter()
         self.enabled = False
         self._lock = asyncio.Lock()
+        self._refreshed = float("-inf")  # monotonic time of the last listing from the engine
 
     # ------------------------------------------------------------------ vLLM hooks
     def attach_router(self, app) -> None:
@@ -102,13 +104,16 @@ class SteeringEndpoints:
 
     # ------------------------------------------------------------------ engine calls
     async def refresh(self) -> None:
+        self._refreshed = time.monotonic()
         listing = (await self.engine.collective_rpc("lineas_list"))[0]
         self.loaded = {e["name"]: e for e in listing["steerings"]}
         self.capacity = listing["capacity"]
 
     async def known(self, name) -> dict:
-        """The loaded names; refreshed from the engine when ``name`` is not among them."""
-        if isinstance(name, str) and name not in self.loaded and self.enabled:
+        """The loaded names; refreshed from the engine when ``name`` is not among them (another API process
+        may have loaded it), at most once a second, so a flood of unknown names costs no engine round trips."""
+        if (isinstance(name, str) and name not in self.loaded and self.enabled
+                and time.monotonic() - self._refreshed > 1.0):
             await self.refresh()
         return self.loaded
 
