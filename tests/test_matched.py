@@ -77,8 +77,28 @@ def test_side_by_side_on_a_tiny_model(tok, monkeypatch):
         assert lo <= hi and len(row["toxic"]) == row["prompts"]
     assert len(res["matched"]["base"]["vs_lead_ci"]) == 3
     # generations: unsteered and lead λ=1 on all prompts (their curve points reuse the first 2), the other
-    # 3 curve points, the matched point; fluency only for the 3 table rows
-    assert counts["gen"] == 2 + 3 + 1 and counts["fluency"] == 3
+    # 3 curve points, the matched point; a fluency pass only for the 2 steered table rows (the unsteered
+    # row's comes from its own greedy logits)
+    assert counts["gen"] == 2 + 3 + 1 and counts["fluency"] == 2
+    assert res["unsteered"]["fluency"] == pytest.approx(
+        real_flu(model, tok, prompts, [list(map(int, t)) for t in _ids(model, tok, prompts)]), rel=1e-4)
     assert res["curves"]["lead"][-1]["texts"] == res["lead"]["texts"][:2]
     assert res["curve_unsteered"]["texts"] == res["unsteered"]["texts"][:2]
     assert all(p["fluency"] is None for c in res["curves"].values() for p in c)
+
+
+def _ids(model, tok, prompts):
+    return lf.evaluate.continuations(model, tok, prompts, max_new_tokens=4)[1]
+
+
+@pytest.mark.parametrize("kind", ["llama", "gpt2"])
+def test_fluency_from_the_greedy_logits_equals_a_separate_pass(tok, kind):
+    """``continuations(with_nll=True)`` + ``fluency_of`` is the unsteered fluency without a second forward:
+    the same tokens, and the same perplexity as :func:`fluency` measures (up to float summation order)."""
+    model = make_model(kind)
+    prompts = ["you are a bad", "i hate this and", "what", "go away now, you"]
+    texts, ids = lf.evaluate.continuations(model, tok, prompts, max_new_tokens=6)
+    texts2, ids2, nll = lf.evaluate.continuations(model, tok, prompts, max_new_tokens=6, with_nll=True)
+    assert (texts2, ids2) == (texts, ids)
+    assert [len(r) for r in nll] == [len(r) for r in ids]
+    assert lf.evaluate.fluency_of(nll) == pytest.approx(lf.evaluate.fluency(model, tok, prompts, ids), rel=1e-4)

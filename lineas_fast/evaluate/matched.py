@@ -25,7 +25,7 @@ from typing import Callable
 
 import numpy as np
 
-from .metrics import continuations, fluency, is_degenerate, paired_bootstrap, perplexity, toxicity
+from .metrics import continuations, fluency, fluency_of, is_degenerate, paired_bootstrap, perplexity, toxicity
 
 
 def _secant(lo: tuple[float, float], hi: tuple[float, float], target: float) -> float:
@@ -95,10 +95,13 @@ class _Meter:
             self.gens[key] = {"texts": g["texts"][:n], "ids": g["ids"][:n], "probs": g["probs"][:n]}
         if key not in self.gens:
             prompts = self.prompts[:n]
+            unsteered = key[0] is None  # its greedy logits are the fluency model's: keep their NLLs
             with self._context(*key[:2]):
-                texts, ids = continuations(self.model, self.tok, prompts, max_new_tokens=self.max_new_tokens,
-                                           progress=self.progress)
+                texts, ids, *nll = continuations(self.model, self.tok, prompts, max_new_tokens=self.max_new_tokens,
+                                                 progress=self.progress, with_nll=unsteered)
             self.gens[key] = {"texts": texts, "ids": ids, "probs": toxicity(texts)}
+            if unsteered:
+                self.gens[key]["fluency"] = fluency_of(nll[0])
         return self.gens[key]
 
     def point(self, label, lam, n: int, base: dict | None, with_fluency: bool = True) -> dict:

@@ -51,11 +51,15 @@ def is_degenerate(text: str, token_ids: list[int]) -> bool:
 
 @torch.no_grad()
 def continuations(model, tok, prompts: list[str], max_new_tokens: int = 20, batch_size: int = 50,
-                  progress: bool = False) -> tuple[list[str], list[list[int]]]:
+                  progress: bool = False, with_nll: bool = False) -> tuple:
     """Greedy continuations (text, token ids) of each prompt; left padding, stops at EOS.
 
     Prompts longer than the model's positions minus ``max_new_tokens`` are truncated to fit (with a warning
     counting them): the continuation must fit the position embedding too.
+
+    With ``with_nll``, also each continuation's per-token negative log-likelihoods under the model as it
+    generated them (from the logits the greedy step computed anyway): for the *unsteered* model that is
+    what :func:`fluency` would measure with another forward pass (:func:`fluency_of`), at no extra cost.
     """
     device = model_device(model)
     side = tok.padding_side
@@ -65,22 +69,37 @@ def continuations(model, tok, prompts: list[str], max_new_tokens: int = 20, batc
     limit = warn_cut(model, lengths, None, "prompts", reserve=max_new_tokens)
     lengths = [min(n, limit) for n in lengths] if limit is not None else lengths
     order = sorted(range(len(prompts)), key=lambda i: (lengths[i], i))
-    texts, ids_out = [None] * len(prompts), [None] * len(prompts)
+    texts, ids_out, nll_out = [None] * len(prompts), [None] * len(prompts), [None] * len(prompts)
     try:
         for i in tqdm(range(0, len(prompts), batch_size), desc="generate", disable=not progress, leave=False):
             rows = order[i:i + batch_size]
             batch = tok([prompts[j] for j in rows], return_tensors="pt", padding=True,
                         truncation=limit is not None, max_length=limit).to(device)
             out = model.generate(**batch, max_new_tokens=max_new_tokens, do_sample=False,
-                                 pad_token_id=tok.pad_token_id)
-            for j, row in zip(rows, out[:, batch["input_ids"].shape[1]:].tolist()):
+                                 pad_token_id=tok.pad_token_id, output_logits=with_nll,
+                                 return_dict_in_generate=with_nll)
+            seqs = out.sequences if with_nll else out
+            new = seqs[:, batch["input_ids"].shape[1]:]
+            if with_nll:  # raw logits of each step → NLL of the token the step chose: [rows, steps]
+                step_nll = torch.stack([torch.logsumexp(lg.float(), -1) - lg.float().gather(1, new[:, k:k + 1])[:, 0]
+                                        for k, lg in enumerate(out.logits)], 1).tolist()
+            for n, (j, row) in enumerate(zip(rows, new.tolist())):
                 if tok.eos_token_id in row:
                     row = row[:row.index(tok.eos_token_id)]
                 ids_out[j] = row
                 texts[j] = tok.decode(row, skip_special_tokens=True)
+                if with_nll:
+                    nll_out[j] = step_nll[n][:len(row)]
     finally:
         tok.padding_side = side
-    return texts, ids_out
+    return (texts, ids_out, nll_out) if with_nll else (texts, ids_out)
+
+
+def fluency_of(nlls: list[list[float]]) -> float:
+    """Fluency from per-token NLLs (``continuations(..., with_nll=True)`` of the unsteered model): the
+    perplexity of every continuation token, as :func:`fluency` defines it."""
+    count = sum(len(r) for r in nlls)
+    return math.exp(sum(sum(r) for r in nlls) / max(count, 1))
 
 
 @torch.no_grad()
