@@ -77,6 +77,30 @@ def test_the_stopping_rule_stops_a_fit(tok):
     assert full.meta["train"]["steps_run"] == 25 and not full.meta["train"]["stopped_early"]
 
 
+# ---------------------------------------------------------------- relaxed-lasso refit
+def test_refit_keeps_the_sparse_support_and_undoes_the_shrinkage(tok):
+    """``refit_steps``: the l1 phase picks the entries; the refit moves only those (never one more), further
+    than the shrunk l1 solution, with its own cosine schedule recorded in the history."""
+    kw = dict(steps=10, lr=3e-2, l1=1.0, normalize="var")
+    sparse = fit(make_model("llama"), tok, **kw)
+    relaxed = fit(make_model("llama"), tok, refit_steps=8, **kw)
+    train = relaxed.meta["train"]
+    assert train["refit_from"] == 10 and train["steps_run"] == 18 and not train["stopped_early"]
+    assert train["lr"][10] == pytest.approx(3e-2) and train["lr"][-1] == pytest.approx(3e-5)
+    assert sparse.meta["train"]["refit_from"] is None
+    dense = fit(make_model("llama"), tok, **{**kw, "l1": 0.0})
+    assert 0 < sparse.nnz() < dense.nnz()  # the penalty made it sparse, but not empty
+    assert relaxed.nnz() <= sparse.nnz()
+    for s in sparse.sites:  # refit entries are a subset of the l1 phase's support: same first phase, same seed
+        assert not ((relaxed.scale[s] != 1) & ~(sparse.scale[s] != 1)).any()
+        assert not ((relaxed.shift[s] != 0) & ~(sparse.shift[s] != 0)).any()
+    moved = lambda st: sum(float((st.scale[s] - 1).abs().sum() + st.shift[s].abs().sum()) for s in st.sites)
+    assert moved(relaxed) > moved(sparse)
+    assert train["loss"][-1] < sparse.meta["train"]["loss"][-1]
+    # without a penalty there is nothing to refit
+    assert fit(make_model("llama"), tok, steps=4, refit_steps=3).meta["train"]["steps_run"] == 4
+
+
 # ---------------------------------------------------------------- mini-batches
 def test_random_mini_batches_depend_on_the_seed(tok):
     a = fit(make_model("llama"), tok, steps=4, batch_size=3, seed=0)
@@ -185,6 +209,7 @@ def test_preserve_under_compile_matches_eager(tok, preserve_loss):
     (dict(betas=(0.9,)), "betas"), (dict(betas=(0.9, 1.0)), "betas"), (dict(preserve=-1.0), "preserve"),
     (dict(preserve=math.nan), "preserve"), (dict(preserve_loss="l2"), "preserve_loss"), (dict(tol=-0.1), "tol"), (dict(window=0), "window"),
     (dict(lr=math.inf), "lr"), (dict(batch_size=1), "batch_size"), (dict(steps=2.5), "steps"),
+    (dict(refit_steps=-1), "refit_steps"), (dict(refit_steps=1.5), "refit_steps"),
 ])
 def test_bad_recipe_options_are_named_before_anything_runs(tok, kw, name):
     model = make_model("llama")

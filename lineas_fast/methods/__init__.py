@@ -33,7 +33,8 @@ def fit(model, tok, source, target, method: str = "lineas", **kwargs):
             LinEAS (defaults: :data:`lineas_fast.defaults.LINEAS`): ``sites`` (preset, presets joined by
             ``+``, regex or list), ``pooling`` (mean|last|tokens), ``steps``, ``lr``, ``schedule``
             (cosine|constant) and ``lr_end`` (the cosine ends at lr·lr_end), ``betas`` (Adam), ``l1``,
-            ``group_l2`` (sparse group lasso), ``batch_size`` (prompts per step), ``normalize``
+            ``group_l2`` (sparse group lasso) and ``refit_steps`` (after a sparse fit, refit the entries it
+            kept without the penalty for this many steps: the relaxed lasso), ``batch_size`` (prompts per step), ``normalize``
             (None|"var"), ``optimizer`` (adam|sgd), ``preserve`` (μ: weight of the term that keeps the target
             prompts' own activations in place) and ``preserve_loss`` (paired: per token; wasserstein: as a
             distribution), ``tol``/``window`` (the stopping rule, :func:`lineas_fast.methods.trainer.converged`),

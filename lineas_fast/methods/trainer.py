@@ -26,6 +26,12 @@ per step, trained to convergence. **Stopping rule**: after every ``window`` step
 windows, stop when the mean loss of the last window improved on the window before it by less than ``tol``
 (relative); ``tol=0`` always runs all ``steps``.
 
+**Sparsity** (``l1``, ``group_l2``: the sparse group lasso, proximal steps in Adam's metric, :mod:`.prox`)
+chooses which entries move; its shrinkage also pulls the entries it keeps toward the identity. With
+``refit_steps > 0`` a second phase (the relaxed lasso) refits the chosen support without the penalty — a
+fresh optimizer and cosine schedule over ``refit_steps``, every entry outside the support held at the
+identity — so the map stays as sparse and its kept entries move as far as the loss asks.
+
 **Checks.** Options are refused with :class:`SteeringError` naming the first bad one before anything runs
 (``steps`` a positive int, ``l1``/``group_l2`` finite and >= 0, ...: :meth:`Recipe.validate`). A fit that
 ends as the identity map, or whose sparsity switched off more than 95 % of its sites, still returns its
@@ -70,6 +76,7 @@ class Recipe:
     preserve_loss: str = "wasserstein"
     tol: float = 0.0
     window: int = 20
+    refit_steps: int = 0
     seed: int = 0
     autocast: bool = False
 
@@ -107,13 +114,21 @@ class Recipe:
         number("tol", lambda v: v >= 0, "expected a finite number >= 0 (0: no early stop)")
         if isinstance(self.window, bool) or not isinstance(self.window, int) or self.window < 1:
             bad("window", "expected an integer >= 1")
+        if isinstance(self.refit_steps, bool) or not isinstance(self.refit_steps, int) or self.refit_steps < 0:
+            bad("refit_steps", "expected an integer >= 0 (0: no refit)")
 
-    def lr_at(self, step: int) -> float:
-        """Learning rate of step ``step`` (0-based): constant, or cosine from lr to lr·lr_end over ``steps``."""
-        if self.schedule == "constant" or self.steps <= 1:
+    def lr_at(self, step: int, steps: int | None = None) -> float:
+        """Learning rate of step ``step`` (0-based): constant, or cosine from lr to lr·lr_end over ``steps``
+        (default: the recipe's; the refit phase passes its own length)."""
+        steps = self.steps if steps is None else steps
+        if self.schedule == "constant" or steps <= 1:
             return self.lr
         end = self.lr * self.lr_end
-        return end + 0.5 * (self.lr - end) * (1 + math.cos(math.pi * step / (self.steps - 1)))
+        return end + 0.5 * (self.lr - end) * (1 + math.cos(math.pi * step / (steps - 1)))
+
+    @property
+    def sparse(self) -> bool:
+        return self.l1 > 0 or self.group_l2 > 0
 
     def hyperparams(self) -> dict:
         out = asdict(self)
@@ -198,10 +213,13 @@ def train_maps(forward, *, n_source: int, targets: Targets, slices: dict, recipe
     gen = torch.Generator().manual_seed(recipe.seed)
     omega = torch.ones(width, device=device, requires_grad=True)
     shift = torch.zeros(width, device=device, requires_grad=True)
-    if recipe.optimizer == "adam":
-        opt = torch.optim.Adam([omega, shift], lr=recipe.lr, betas=tuple(recipe.betas))
-    else:
-        opt = torch.optim.SGD([omega, shift], lr=recipe.lr)
+
+    def optimizer() -> torch.optim.Optimizer:
+        if recipe.optimizer == "adam":
+            return torch.optim.Adam([omega, shift], lr=recipe.lr, betas=tuple(recipe.betas))
+        return torch.optim.SGD([omega, shift], lr=recipe.lr)
+
+    opt = optimizer()
     groups = list(slices.values())
     history = {"loss": [], "transport": [], "preserve": [], "lr": [], "nnz": [], "active_sites": [],
                "step_seconds": [], "phase_seconds": []}
@@ -210,11 +228,14 @@ def train_maps(forward, *, n_source: int, targets: Targets, slices: dict, recipe
         return list(range(n)) if recipe.batch_size >= n else \
             torch.randperm(n, generator=gen)[:recipe.batch_size].tolist()
 
-    bar = tqdm(range(recipe.steps), desc=desc, disable=not progress)
-    with forward:
+    def run(n_steps: int, support: tuple | None, label: str) -> None:
+        """``n_steps`` steps of the loop; with ``support`` (masks of ω and b), the relaxed-lasso refit: no
+        penalty, and every entry outside the support is held at the identity."""
+        l1, group_l2 = (0.0, 0.0) if support is not None else (recipe.l1, recipe.group_l2)
+        bar = tqdm(range(n_steps), desc=label, disable=not progress)
         for step in bar:
             t_step = time.perf_counter()
-            lr = recipe.lr_at(step)
+            lr = recipe.lr_at(step, n_steps)
             for g in opt.param_groups:
                 g["lr"] = lr
             forward.bind(omega, shift)
@@ -246,8 +267,11 @@ def train_maps(forward, *, n_source: int, targets: Targets, slices: dict, recipe
             t_bwd = time.perf_counter()
             opt.step()
             prox_sparse_group(omega.data, shift.data, step_sizes(opt, omega), step_sizes(opt, shift),
-                              recipe.l1, recipe.group_l2, groups)
+                              l1, group_l2, groups)
             with torch.no_grad():
+                if support is not None:
+                    omega.data[~support[0]] = 1.0
+                    shift.data[~support[1]] = 0.0
                 off = (omega != 1).int() + (shift != 0).int()
                 nnz = int(off.sum())
                 active = sum(int(off[sl].any()) for sl in groups)
@@ -262,10 +286,21 @@ def train_maps(forward, *, n_source: int, targets: Targets, slices: dict, recipe
             history["phase_seconds"].append({"forward": round(t_fwd - t_step, 4), "loss": round(t_loss - t_fwd, 4),
                                              "backward": round(t_bwd - t_loss, 4), "update": round(t_end - t_bwd, 4)})
             bar.set_postfix(loss=f"{history['loss'][-1]:.4g}", nnz=nnz, sites=active)
-            if converged(history["loss"], recipe.window, recipe.tol):
+            if support is None and converged(history["loss"], recipe.window, recipe.tol):
                 break
+
+    with forward:
+        run(recipe.steps, None, desc)
+        history["refit_from"] = None
+        if recipe.refit_steps and recipe.sparse:
+            # relaxed lasso: the penalty chose the support; refitting it without the penalty undoes the
+            # shrinkage the penalty put on the entries it kept (a fresh optimizer and schedule)
+            history["refit_from"] = len(history["loss"])
+            support = (omega.detach() != 1, shift.detach() != 0)
+            opt = optimizer()
+            run(recipe.refit_steps, support, desc + " refit")
     history["steps_run"] = len(history["loss"])
-    history["stopped_early"] = history["steps_run"] < recipe.steps
+    history["stopped_early"] = (history["refit_from"] or history["steps_run"]) < recipe.steps
     warn_if_inert(omega.detach(), shift.detach(), groups, recipe)
     return omega.detach(), shift.detach(), history
 
