@@ -1,4 +1,4 @@
-"""Training cost on the default task (SmolLM2-135M, toxic → WikiText prompts, library defaults):
+"""Training cost on the default task (SmolLM2-135M, toxic → nontoxic prompts, library defaults):
 
 * step: LinEAS steady-state step time (median of a fit's per-step times after the first), eager fp32 vs
   bf16 autocast vs ``compile=True`` (fp32, bf16), fits interleaved per round, medians over quiet rounds
@@ -7,7 +7,7 @@
   unless ``--keep-cache``), then again after ``torch._dynamo.reset()`` with the cache it left;
 * split: where an eager fp32 step goes — forward to the last site, loss, backward, optimizer + prox
   (``meta["train"]["phase_seconds"]`` of the step comparison's last eager fp32 fit);
-* full fit: the default 40-step fit (target collection included), eager fp32 as the demo runs it (the
+* full fit: the default fit (target collection included), eager fp32 as the demo runs it (the
   compiled full fits, cold and warm, were measured once: ``earlier.md``);
 * AcT fitting: Linear-AcT all sites at once and incremental (first ``--incremental-sites`` sites) vs an
   ml-act-style pipeline on the same data (one forward per prompt, one activation file per sample and
@@ -33,6 +33,7 @@ from timing import OtherLoad, ensure_malloc_env
 
 import lineas_fast as lf
 from lineas_fast.data import builtin_rows, load_texts
+from lineas_fast.defaults import LINEAS as LINEAS_DEFAULTS
 
 VARIANTS = {
     "eager fp32": {},
@@ -146,15 +147,16 @@ def act_fitting(model, tok, src, tgt, args) -> dict:
 
 
 def scaling(model, tok, args) -> dict:
-    toxic, wiki = builtin_rows("toxic"), builtin_rows("wiki")
+    toxic, nontoxic = builtin_rows("toxic"), builtin_rows("nontoxic")  # the default task
     sites = lf.resolve_sites(model, "norms")
     by_sites = {}
     for k in args.site_counts:
-        st = lf.fit(model, tok, toxic[:32], wiki[:32], sites=sites[:k], steps=args.scaling_steps, progress=False)
+        st = lf.fit(model, tok, toxic[:32], nontoxic[:32], sites=sites[:k], steps=args.scaling_steps,
+                   progress=False)
         by_sites[k] = steady(st)
     by_n = {}
     for n in args.fit_sizes:
-        st = lf.fit(model, tok, toxic[:n], wiki[:n], steps=args.scaling_steps, batch_size=n, progress=False)
+        st = lf.fit(model, tok, toxic[:n], nontoxic[:n], steps=args.scaling_steps, batch_size=n, progress=False)
         by_n[n] = steady(st)
     return {"step_s_by_sites": by_sites, "step_s_by_fit_size": by_n}
 
@@ -197,11 +199,12 @@ def markdown(res: dict) -> str:
         lines += ["", "Eager fp32 step split: " + ", ".join(f"{k} {v['s']:.2f} s ({v['share']:.0%})"
                                                             for k, v in res["split"].items())]
     if "full_fit" in res:
-        full = res["full_fit"]["wall_s"]
+        full, n = res["full_fit"]["wall_s"], res["full_fit"]["steps"]
         best = s["variants"][s["best"]]
-        lines += ["", f"Full default fit (the demo's: 40 steps, eager fp32, target collection included): "
-                  f"**{full:.1f} s**. With `compile=True` the 39 steady steps would take {39 * best['step_s']:.0f} s "
-                  f"instead of {39 * s['variants']['eager fp32']['step_s']:.0f} s ({s['best']}, whose first step "
+        lines += ["", f"Full default fit (the demo's: {n} steps, eager fp32, target collection included): "
+                  f"**{full:.1f} s**. With `compile=True` the {n - 1} steady steps would take "
+                  f"{(n - 1) * best['step_s']:.0f} s instead of {(n - 1) * s['variants']['eager fp32']['step_s']:.0f} s "
+                  f"({s['best']}, whose first step "
                   f"took {best['first_step_extra_s']:.0f} s more, compiling, in the first round above); the measured "
                   "compiled full fits are in the earlier measurements below."]
     if "act" in res:
@@ -229,7 +232,7 @@ def main() -> None:
                    help="steps per scaling fit (with more than one, the first is not counted)")
     p.add_argument("--site-counts", type=int, nargs="+", default=[10, 20, 40, 60])
     p.add_argument("--fit-sizes", type=int, nargs="+", default=[32, 64, 128, 256])
-    p.add_argument("--no-full", dest="full", action="store_false", help="skip the full 40-step fits")
+    p.add_argument("--no-full", dest="full", action="store_false", help="skip the full default fit")
     p.add_argument("--quick", action="store_true", help="smoke: 3 steps, 1 round, small scaling grid, no full fit")
     p.add_argument("--out", default=None, metavar="FILE.json")
     args = p.parse_args()
@@ -241,7 +244,7 @@ def main() -> None:
         os.environ["TORCHINDUCTOR_CACHE_DIR"] = tempfile.mkdtemp(prefix="lineas_bench_inductor_")
     torch.set_num_threads(args.threads)
     model, tok = lf.load_model("smollm2-135m")
-    src, tgt = load_texts("toxic", "fit"), load_texts("wiki", "fit")
+    src, tgt = load_texts("toxic", "fit"), load_texts("nontoxic", "fit")  # the default task
 
     def fit(kw, steps):
         return lf.fit(model, tok, src, tgt, method="lineas", steps=steps, progress=False, **kw)
@@ -249,10 +252,10 @@ def main() -> None:
     res = {"settings": vars(args)}
     res["step"], eager = step_comparison(fit, args)
     res["split"] = split(eager)
-    if args.full:  # the demo's fit: library defaults (eager fp32), 40 steps, target collection included
+    if args.full:  # the demo's fit: library defaults (eager fp32, their steps), target collection included
         t = time.perf_counter()
-        fit({}, 40)
-        res["full_fit"] = {"wall_s": time.perf_counter() - t}
+        fit({}, LINEAS_DEFAULTS["steps"])
+        res["full_fit"] = {"wall_s": time.perf_counter() - t, "steps": LINEAS_DEFAULTS["steps"]}
     res["act"] = act_fitting(model, tok, src, tgt, args)
     res["scaling"] = scaling(model, tok, args)
     print(markdown(res))
