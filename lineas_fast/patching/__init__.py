@@ -1,5 +1,10 @@
 """Applying steerings to a model instance: ``steer_`` (hooks | fold | fused), ``steered``, ``bake``.
 
+This module owns the public entry points and their argument checks; the patches themselves live in
+:mod:`.hooks`, :mod:`.fused` and :mod:`.fold` (one :class:`~.patch.Patch` interface), the routing state
+in :mod:`.tables`, and the handle tying them together in :mod:`.handle`. ``bake`` is a fold patch (with
+the checkpoint extras) whose undo record is dropped.
+
 Everything is validated before the model is touched, then applied all or nothing (a failure half-way
 undoes what was done and re-raises); another instance of the same class is never affected (hooks and
 folds are per instance). Steering one model is serialised by its lock (``handle.model_lock``): the
@@ -18,7 +23,7 @@ import torch
 from ..errors import SteeringError
 from ..steering import Steering
 from ..views import as_model, is_view, view_of
-from .fold import WeightEditor, bake_plan_flags, plan_fold
+from .fold import FoldPatch
 from .handle import ATTR, SteerHandle, model_lock
 
 MODES = ("fused", "hooks", "fold")
@@ -158,18 +163,6 @@ def _bake_strength(strength) -> float:
     return value
 
 
-def _refuse_unmaterialised(model, modules) -> None:
-    """A parameter on the meta device has no values to fold: refuse before anything changes."""
-    for name in sorted(modules):
-        for pname, p in model.get_submodule(name).named_parameters(recurse=False):
-            if p.is_meta:
-                raise SteeringError(f"cannot bake: parameter {name}.{pname} is on the meta device (not "
-                                    f"materialised); load the model's weights first")
-
-
-_ABSENT = object()
-
-
 def bake(model, steering: Steering, strength: float = 1.0):
     """Fold a steering into the weights for good, so ``model.save_pretrained()`` writes a plain HF
     checkpoint that stock transformers reloads with the steered outputs.
@@ -199,38 +192,6 @@ def _bake_locked(model, steering: Steering, lam: float):
         raise SteeringError("model is currently steered: remove() the handle before baking")
     steering.check_model(model)
     _refuse_clamped(steering, "bake()")
-    coeffs = {s: (1 - lam + lam * steering.scale[s], lam * steering.shift[s]) for s in steering.sites}
-    steps = plan_fold(model, steering.sites, {s: bool(c.any()) for s, (_, c) in coeffs.items()})
-    flags = bake_plan_flags(model, steps, coeffs)
-    biased = []  # Linear modules the flags govern (each gets a bias)
-    if flags:
-        from ..sites import decoder_blocks
-
-        prefix, blocks = decoder_blocks(model)
-        biased = [f"{prefix}.{i}.{rel}" for group in flags.values() for i in range(len(blocks)) for rel in group]
-    _refuse_unmaterialised(model, {st.module for st in steps} | {c for st in steps for c in st.consumers}
-                           | set(biased))
-    editor, config_before = WeightEditor(model), {}
-    try:
-        with torch.no_grad():
-            for flag in flags:
-                config_before.setdefault(flag, getattr(model.config, flag, _ABSENT))
-                setattr(model.config, flag, True)
-            for name in biased:
-                lin = model.get_submodule(name)
-                if lin.bias is None:
-                    w = lin.weight
-                    out_dim = w.shape[1] if type(lin).__name__ == "Conv1D" else w.shape[0]
-                    editor.saved.setdefault((name, "bias"), None)  # restore() removes it again
-                    lin.bias = torch.nn.Parameter(w.new_zeros(out_dim))
-            for step in reversed(steps):  # as fold_into: downstream first, so stacked folds compose
-                editor.apply(step, *coeffs[step.site])
-    except BaseException:
-        editor.restore()
-        for flag, old in config_before.items():
-            if old is _ABSENT:
-                delattr(model.config, flag)
-            else:
-                setattr(model.config, flag, old)
-        raise
+    # the fold patch with the checkpoint extras (all or nothing, flags and biases included), kept for good
+    FoldPatch(model, steering.sites, steering.scale, steering.shift, lam, bake=True).forget()
     return model

@@ -17,9 +17,12 @@ Sites are folded in reverse model order, each using the weights as already modif
 makes stacked folds on one Linear (input site + output site + a norm shift) compose exactly. Every
 touched parameter's original is kept, so unfold restores bit-exactly (nothing is divided back).
 
-Folding, refolding at another strength and restoring are all or nothing: should any step fail, every
-touched parameter is put back as it was before the call (created ones removed or re-created) and the
-error re-raised.
+:class:`FoldPatch` is this mode's :class:`~lineas_fast.patching.patch.Patch` and the one fold code path:
+``steer_(mode='fold')`` installs one, ``set_strength`` refolds it, ``remove`` restores it, and ``bake`` is
+a FoldPatch with the checkpoint extras (config flags, explicit zero biases) whose undo record is then
+dropped (:meth:`FoldPatch.forget`). Folding, refolding at another strength and restoring are all or
+nothing: should any step fail, every touched parameter (and config flag) is put back as it was before
+the call (created ones removed or re-created) and the error re-raised.
 """
 
 from __future__ import annotations
@@ -31,6 +34,7 @@ from torch import nn
 
 from ..errors import SteeringError
 from ..sites import Site, decoder_blocks, family
+from .patch import Patch
 
 
 @dataclass
@@ -117,6 +121,16 @@ class WeightEditor:
         out_dim = w.shape[1] if type(module).__name__ == "Conv1D" else w.shape[0]
         bias = self._param(module_name, "bias", like=w.new_zeros(out_dim))
         bias.add_(delta.to(bias.dtype))
+
+    def zero_bias(self, module_name: str) -> None:
+        """Give a Linear without a bias an explicit zero one (a plain Parameter, as a checkpoint's own);
+        :meth:`restore` removes it again."""
+        lin = self.model.get_submodule(module_name)
+        if lin.bias is None:
+            w = lin.weight
+            out_dim = w.shape[1] if type(lin).__name__ == "Conv1D" else w.shape[0]
+            self.saved.setdefault((module_name, "bias"), None)
+            lin.bias = nn.Parameter(w.new_zeros(out_dim))
 
     def linear_shift(self, module_name: str, c: torch.Tensor) -> torch.Tensor:
         """W c for an input shift c (in the module's input space) — the bias it induces."""
@@ -213,50 +227,137 @@ def _home(model: nn.Module, module: nn.Module) -> tuple[torch.device, torch.dtyp
     return p.device, p.dtype
 
 
-def _fold_plan(model, steering_sites: list[str], scale: dict, shift: dict, strength: float):
-    """``(coeffs, steps)`` of one steering at one strength; refuses (plan_fold) before anything changes."""
-    lam = float(strength)
-    coeffs = {s: (1 - lam + lam * scale[s], lam * shift[s]) for s in steering_sites}
-    steps = plan_fold(model, steering_sites, {s: bool(coeffs[s][1].any()) for s in steering_sites})
-    return coeffs, steps
+_ABSENT = object()  # a config flag the model's config did not have
 
 
-def _apply_steps(editor: WeightEditor, steps: list[FoldStep], coeffs: dict) -> None:
-    with torch.no_grad():
-        for step in reversed(steps):  # downstream first, so stacked folds on one Linear compose
-            editor.apply(step, *coeffs[step.site])
+def _rows_message(what: str, shown, rows: int) -> str:
+    return (f"{what}: strength={shown} has {rows} rows, but mode='fold' has one fixed strength: per-row "
+            f"strengths need mode='hooks'")
+
+
+def _route_message(what: str) -> str:
+    return f"{what}: mode='fold' has one fixed steering and strength; per-row routing needs mode='hooks' or 'fused'"
+
+
+class FoldPatch(Patch):
+    """One steering folded into the weights at one strength: one row, routed to that steering (id 0).
+
+    Construction folds (refusing, before anything changes, a site no weight edit can express), keeping
+    every touched parameter's original; :meth:`set_rows` refolds from those originals at the new
+    strength (never dividing back); :meth:`remove` puts them back bit-exactly; :meth:`forget` drops them,
+    leaving the fold for good. Each is all or nothing.
+
+    ``bake=True`` adds what a stock checkpoint needs (:func:`bake_plan_flags`): the config flags giving
+    the Linear layers a bias are set and every Linear they govern gets an explicit (zero) bias; a
+    parameter on the meta device is refused first. Such a fold keeps its strength (``set_rows`` refuses).
+    """
+
+    def __init__(self, model, sites: list[str], scale: dict, shift: dict, strength: float, *, bake: bool = False):
+        self.model, self.sites, self.scale, self.shift, self.bake = model, list(sites), scale, shift, bake
+        plan = self._plan(float(strength))  # refusals before anything changes
+        self._editor, self._config, self._forgotten = WeightEditor(model), {}, False
+        try:
+            self._apply(self._editor, self._config, plan)
+        except BaseException:
+            self._editor.restore()
+            self._restore_config()
+            raise
+        self.strength = float(strength)
+
+    def _plan(self, lam: float):
+        """``(coeffs, steps, flags, biased)`` of this steering at strength ``lam``; refuses first."""
+        model = self.model
+        coeffs = {s: (1 - lam + lam * self.scale[s], lam * self.shift[s]) for s in self.sites}
+        steps = plan_fold(model, self.sites, {s: bool(coeffs[s][1].any()) for s in self.sites})
+        flags, biased = {}, []  # bake: config flags to set, Linear modules they govern (each gets a bias)
+        if self.bake:
+            flags = bake_plan_flags(model, steps, coeffs)
+            if flags:
+                prefix, blocks = decoder_blocks(model)
+                biased = [f"{prefix}.{i}.{rel}" for group in flags.values() for i in range(len(blocks))
+                          for rel in group]
+            refuse_unmaterialised(model, {st.module for st in steps} | {c for st in steps for c in st.consumers}
+                                  | set(biased))
+        return coeffs, steps, flags, biased
+
+    def _apply(self, editor: WeightEditor, config: dict, plan) -> None:
+        coeffs, steps, flags, biased = plan
+        with torch.no_grad():
+            for flag in flags:
+                config.setdefault(flag, getattr(self.model.config, flag, _ABSENT))
+                setattr(self.model.config, flag, True)
+            for name in biased:
+                editor.zero_bias(name)
+            for step in reversed(steps):  # downstream first, so stacked folds on one Linear compose
+                editor.apply(step, *coeffs[step.site])
+
+    def _restore_config(self) -> None:
+        for flag, old in self._config.items():
+            if old is _ABSENT:
+                delattr(self.model.config, flag)
+            else:
+                setattr(self.model.config, flag, old)
+        self._config = {}
+
+    @staticmethod
+    def check_rows(ids: torch.Tensor, strength: torch.Tensor, what: str, shown) -> None:
+        """One row, routed to the steering (a static check: also before a FoldPatch is made)."""
+        if ids.numel() != 1:
+            raise SteeringError(_rows_message(what, shown, ids.numel()))
+        if int(ids[0]) != 0:
+            raise SteeringError(_route_message(what))
+
+    def check_route(self, what: str) -> None:
+        raise SteeringError(_route_message(what))
+
+    def set_rows(self, ids: torch.Tensor, strength: torch.Tensor) -> None:
+        """Refold at ``strength[0]`` from the saved originals; on a failure the old fold stays bit-exactly."""
+        self.check_rows(ids, strength, "set_rows()", strength.tolist())
+        if self._editor is None or self.bake:
+            raise SteeringError("this fold has a fixed strength (removed, baked, or made for bake())")
+        lam = float(strength[0])
+        plan = self._plan(lam)  # refusals first
+        old, new = self._editor, WeightEditor(self.model)
+        folded, saved = old.current(), dict(old.saved)
+        try:
+            old.restore()
+            self._apply(new, self._config, plan)
+        except BaseException:
+            new.restore()        # parameters the new fold touched: back to the originals
+            old.put(folded)      # then the old fold as it stood
+            old.saved = saved
+            raise
+        self._editor, self.strength = new, lam
+
+    def remove(self) -> None:
+        """Put every original back (created parameters removed, config flags reset); a second call does
+        nothing. Refused after :meth:`forget` (the originals are gone)."""
+        if self._forgotten:
+            raise SteeringError("this fold was baked in: forget() dropped the originals, nothing to restore")
+        if self._editor is None:
+            return
+        self._editor.restore()  # all or nothing
+        self._restore_config()
+        self._editor = None
+
+    def forget(self) -> None:
+        """Keep the fold for good: drop the saved originals (``bake``)."""
+        self._editor, self._config, self._forgotten = None, {}, True
 
 
 def fold_into(model, steering_sites: list[str], scale: dict, shift: dict, strength: float) -> WeightEditor:
-    """Fold one steering at a fixed strength; returns the editor that can restore the originals.
-    All or nothing: a failure half-way restores every touched parameter and re-raises."""
-    coeffs, steps = _fold_plan(model, steering_sites, scale, shift, strength)
-    editor = WeightEditor(model)
-    try:
-        _apply_steps(editor, steps, coeffs)
-    except BaseException:
-        editor.restore()
-        raise
-    return editor
+    """Fold one steering at a fixed strength (a :class:`FoldPatch`); returns the editor that can restore
+    the originals. All or nothing: a failure half-way restores every touched parameter and re-raises."""
+    return FoldPatch(model, steering_sites, scale, shift, strength)._editor
 
 
-def refold(model, editor: WeightEditor, steering_sites: list[str], scale: dict, shift: dict,
-           strength: float) -> WeightEditor:
-    """Move a live fold (``editor``) to another strength, from the saved originals (never dividing back);
-    returns the new editor. All or nothing: on a failure the model keeps the old fold bit-exactly and
-    ``editor`` stays valid."""
-    coeffs, steps = _fold_plan(model, steering_sites, scale, shift, strength)  # refusals first
-    folded, saved = editor.current(), dict(editor.saved)
-    new = WeightEditor(model)
-    try:
-        editor.restore()
-        _apply_steps(new, steps, coeffs)
-    except BaseException:
-        new.restore()        # parameters the new fold touched: back to the originals
-        editor.put(folded)   # then the old fold as it stood
-        editor.saved = saved
-        raise
-    return new
+def refuse_unmaterialised(model, modules) -> None:
+    """A parameter on the meta device has no values to fold: refuse before anything changes."""
+    for name in sorted(modules):
+        for pname, p in model.get_submodule(name).named_parameters(recurse=False):
+            if p.is_meta:
+                raise SteeringError(f"cannot bake: parameter {name}.{pname} is on the meta device (not "
+                                    f"materialised); load the model's weights first")
 
 
 def bake_plan_flags(model, steps: list[FoldStep], coeffs: dict) -> dict[str, tuple[str, ...]]:

@@ -19,8 +19,11 @@ calls the original module itself, so strength 0 is bit-identical to the unsteere
 compute the norm / matmul in their own order, ~1e-7 away). Under ``torch.compile`` and during CUDA-graph
 capture the op always runs (one graph for every routing; strength 0 is then exact up to that rounding).
 
-Installing and removing the stand-ins, and ``set_rows``, are all or nothing: should any step fail, what
-was done is undone and the error re-raised.
+:class:`FusedPatch` is this mode's :class:`~lineas_fast.patching.patch.Patch`. Its device-side
+:class:`Routing` buffers are a mirror of the shared tables' routing (``SteeringTables``, the one routing
+state of a steered model), written only through :meth:`FusedPatch.set_rows`. Installing and removing the
+stand-ins, and ``set_rows``, are all or nothing: should any step fail, what was done is undone and the
+error re-raised.
 
 Sites the fused runtime does not cover (support-clamped maps, modules that are neither a known norm nor
 a Linear, a second site on a Linear that already carries one) fall back to hooks, with one warning line
@@ -34,6 +37,7 @@ from torch import nn
 
 from ..errors import SteeringError
 from ..sites import Site, family
+from .patch import Patch
 from .tables import row_identity
 
 ROUTING_CAPACITY = 64  # routing rows preallocated (a larger route() reallocates: one recompile)
@@ -111,7 +115,10 @@ def plan_fused(model, steerings: dict, sites: list[str]) -> tuple[list[str], dic
 
 
 class Routing:
-    """Device-side routing buffers of fixed capacity (``ids``, ``strength``, ``nrows``); updated in place."""
+    """Device-side routing buffers of fixed capacity (``ids``, ``strength``, ``nrows``); updated in place.
+
+    A mirror of the shared tables' routing on one device, for the fused ops to read; only
+    :meth:`FusedPatch.set_rows` writes it."""
 
     def __init__(self, device, capacity: int = ROUTING_CAPACITY):
         self.device = device
@@ -234,14 +241,17 @@ def _parent(model, name: str) -> tuple[nn.Module, str]:
     return (model.get_submodule(parent) if parent else model), child
 
 
-class FusedPatch:
+class FusedPatch(Patch):
     """Installs :class:`FusedNorm`/:class:`FusedLinear` stand-ins and keeps the originals for exact removal.
 
     Every site's implementation is resolved and every stand-in built before the first one is installed;
-    installation, :meth:`set_rows` and :meth:`remove` are all or nothing."""
+    installation, :meth:`set_rows` and :meth:`remove` are all or nothing. ``tables`` needs ``scale`` /
+    ``shift`` per site (a :class:`SteeringTables`, or any object with those dicts); where it maps rows
+    through a ``row_index`` (a pipeline's CFG-doubled batch), only one routed row can be served."""
 
     def __init__(self, model, sites: list[str], tables, backend: str | None = None):
         self.model, self.originals, self.routings, self.stand_ins = model, {}, {}, {}
+        self._row_index = getattr(tables, "row_index", None) is not None
         fns, plan = {}, []
         for spec in sites:  # resolve every site's implementation before touching the model
             device = tables.scale[spec].device
@@ -272,6 +282,12 @@ class FusedPatch:
         except BaseException:
             self.remove()
             raise
+
+    def check_rows(self, ids: torch.Tensor, strength: torch.Tensor, what: str, shown) -> None:
+        """The fused ops expand routed rows by the plain rule only (row ``i // k``), not a ``row_index``."""
+        if self._row_index and ids.numel() > 1:
+            raise SteeringError(f"{what}: per-prompt strengths or routes on a pipeline need mode='hooks' (the "
+                                f"fused kernels expand rows for generate(), not for a CFG-doubled denoiser batch)")
 
     def set_rows(self, ids: torch.Tensor, strength: torch.Tensor) -> None:
         """The same routing into every device's buffers; on failure every buffer is put back."""

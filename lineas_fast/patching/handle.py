@@ -1,5 +1,12 @@
 """SteerHandle: what ``steer_`` returns — change strength or routing, or remove the steering.
 
+A handle owns the model's one routing state (a :class:`~lineas_fast.patching.tables.SteeringTables`, in
+every mode) and the :class:`~lineas_fast.patching.patch.Patch` objects that put the steerings on the
+model: ``hooks`` → a :class:`HookPatch`; ``fused`` → a :class:`FusedPatch` plus a :class:`HookPatch` for
+the sites it does not cover; ``fold`` → a :class:`FoldPatch`; on a pipeline view, a
+:class:`LayoutTracking` as well where rows are routed at run time. ``set_strength`` and ``route`` plan
+the rows once, then commit them to the tables and every patch; ``remove`` removes every patch.
+
 Every handle call checks its arguments before anything changes, then applies its change all or nothing
 (a failure half-way undoes what was done and re-raises). A model's steering state — whether it is
 steered, its hooks, stand-in modules, folded weights and routing — is guarded by one re-entrant lock per
@@ -17,9 +24,10 @@ import weakref
 import torch
 
 from ..errors import SteeringError
-from .fold import fold_into, refold
+from .fold import FoldPatch
 from .fused import FusedPatch, plan_fused
-from .hooks import install_hooks
+from .hooks import HookPatch
+from .patch import Patch
 from .tables import SteeringTables
 from ..views import is_view
 
@@ -40,6 +48,21 @@ def model_lock(model) -> threading.RLock:
         return lock
 
 
+class LayoutTracking(Patch):
+    """A view's batch-layout tracking (``track_layout``), which its ``row_index`` reads at run time."""
+
+    def __init__(self, view):
+        self._untrack = view.track_layout()
+
+    def set_rows(self, ids, strength) -> None:
+        """Nothing to do: the layout is the batch's, not the routing's."""
+
+    def remove(self) -> None:
+        if self._untrack is not None:
+            self._untrack()
+            self._untrack = None
+
+
 class SteerHandle:
     """A live steering patch on one model instance.
 
@@ -58,83 +81,64 @@ class SteerHandle:
         self.model, self.steerings, self.mode = model, steerings, mode
         self.names = list(steerings)
         self.sites = list(dict.fromkeys(s for st in steerings.values() for s in st.sites))
-        self._hooks, self._editor, self._strength, self._fused = [], None, None, None
-        self._untrack = None
-        self.tables = None
+        self.patches: list[Patch] = []
         s = _as_strength(strength, "steer_()")
         with model_lock(model):
             if getattr(model, ATTR, None) is not None:
                 raise SteeringError("model is already steered: remove() the existing handle first")
-            if mode in ("hooks", "fused"):
-                self._attach_live(s, backend)
-            else:  # fold: one steering at one fixed strength
-                self._attach_fold(s)
+            devices = {site: _site_device(model, site) for site in self.sites}
+            self.tables = SteeringTables(steerings, self.sites, devices)
+            if is_view(model):  # e.g. CFG-doubled denoiser batches follow their prompt (lineas_fast.views)
+                self.tables.row_index = model.row_index
+            if len(self.names) == 1:
+                ids, rows = self._plan_strength(s, "steer_()", s.tolist())
+            else:  # several steerings: rows stay unsteered until route() names them
+                ids, rows = torch.full((1,), -1), torch.zeros(1)
+            fused, hooked = self._plan_sites(ids, rows, s.tolist())
+            self.tables.set_rows(ids, rows)  # the tables are not reachable from the model yet
+            self._install(fused, hooked, backend)
 
-    def _attach_live(self, s: torch.Tensor, backend) -> None:
-        """hooks / fused: plan everything (tables, routing, stand-ins), then install all or nothing."""
-        model = self.model
-        devices = {site: _site_device(model, site) for site in self.sites}
-        tables = SteeringTables(self.steerings, self.sites, devices)
-        if is_view(model):  # e.g. CFG-doubled denoiser batches follow their prompt (lineas_fast.views)
-            tables.row_index = model.row_index
-        hooked, fused = self.sites, []
-        if self.mode == "fused":
-            fused, left = plan_fused(model, self.steerings, self.sites)
-            if left:
-                names = list(left)
-                warnings.warn(f"mode='fused' covers {len(fused)} of {len(self.sites)} sites; hooks serve "
-                              f"{names[:2]}{' +%d more' % (len(names) - 2) if len(names) > 2 else ''} "
-                              f"({left[names[0]]})", stacklevel=4)
-            hooked = list(left)
-        self.tables = tables
-        if len(self.names) == 1:
-            ids, rows = self._plan_strength(s, "steer_()")
-        else:  # several steerings: rows stay unsteered until route() names them
-            ids, rows = torch.full((1,), -1), torch.zeros(1)
-        tables.set_rows(ids, rows)  # the tables are not reachable from the model yet
-        undo = []
+    def _plan_sites(self, ids: torch.Tensor, rows: torch.Tensor, shown) -> tuple[list[str] | None, list[str]]:
+        """Which sites the fused stand-ins serve (None: no FusedPatch) and which hooks serve; nothing changes.
+        (Called by ``__init__`` only: the warning's stacklevel points at the caller of ``steer_``.)"""
+        if self.mode == "fold":  # one steering at one fixed strength
+            FoldPatch.check_rows(ids, rows, "steer_()", shown)
+            return None, []
+        if self.mode != "fused":
+            return None, self.sites
+        fused, left = plan_fused(self.model, self.steerings, self.sites)
+        if left:
+            names = list(left)
+            warnings.warn(f"mode='fused' covers {len(fused)} of {len(self.sites)} sites; hooks serve "
+                          f"{names[:2]}{' +%d more' % (len(names) - 2) if len(names) > 2 else ''} "
+                          f"({left[names[0]]})", stacklevel=4)
+        return fused, list(left)
+
+    def _install(self, fused, hooked, backend) -> None:
+        """Every patch (each installs all or nothing), then the model's mark; on a failure, what was
+        installed is removed again. Fused stand-ins go first: a hook on a site of a replaced Linear sits on
+        its stand-in."""
+        model, tables, patches = self.model, self.tables, []
         try:
-            if self.mode == "fused":
-                self._fused = FusedPatch(model, fused, tables, backend)  # installs all or nothing
-                undo.append(self._fused.remove)
-                self._fused.set_rows(tables.ids, tables.strength)
-            self._hooks = install_hooks(model, hooked, tables)  # all or nothing
-            undo.append(self._remove_hooks)
-            if tables.row_index is not None:
-                self._untrack = model.track_layout()
-                undo.append(self._stop_tracking)
+            if self.mode == "fold":
+                st = self.steerings[self.names[0]]
+                patches.append(FoldPatch(model, st.sites, st.scale, st.shift, float(tables.strength[0])))
+            else:
+                if fused is not None:
+                    patches.append(FusedPatch(model, fused, tables, backend))
+                    patches[-1].set_rows(tables.ids, tables.strength)
+                patches.append(HookPatch(model, hooked, tables))
+                if tables.row_index is not None:
+                    patches.append(LayoutTracking(model))
+            self.patches = patches
             setattr(model, ATTR, self)
         except BaseException:
-            for step in reversed(undo):
-                step()
-            self._fused = None
+            self.patches = []
+            _remove_all(patches)
             raise
-
-    def _attach_fold(self, s: torch.Tensor) -> None:
-        if s.numel() != 1:
-            raise SteeringError(f"steer_(): strength={s.tolist()} has {s.numel()} rows, but mode='fold' has "
-                                f"one fixed strength: per-row strengths need mode='hooks'")
-        st = self.steerings[self.names[0]]
-        editor = fold_into(self.model, st.sites, st.scale, st.shift, float(s))  # all or nothing
-        try:
-            setattr(self.model, ATTR, self)
-        except BaseException:
-            editor.restore()
-            raise
-        self._editor, self._strength = editor, float(s)
-
-    def _remove_hooks(self) -> None:
-        for h in self._hooks:
-            h.remove()
-        self._hooks = []
-
-    def _stop_tracking(self) -> None:
-        if self._untrack is not None:
-            self._untrack()
-            self._untrack = None
 
     # ------------------------------------------------------------ strength and routing
-    def _plan_strength(self, s: torch.Tensor, what: str) -> tuple[torch.Tensor, torch.Tensor]:
+    def _plan_strength(self, s: torch.Tensor, what: str, shown) -> tuple[torch.Tensor, torch.Tensor]:
         """The ``(ids, strength)`` rows a new strength gives (nothing changes; raises on a mismatch)."""
         # one steering has no routing: its rows are whatever the new strength says (not the old row count)
         ids = torch.zeros(s.numel(), dtype=torch.long) if len(self.names) == 1 else self.tables.ids
@@ -145,24 +149,28 @@ class SteerHandle:
             ids = ids.expand(s.numel()).clone() if ids.numel() == 1 else ids
         elif ids.numel() > 1:
             s = s.expand(ids.numel()).clone()
-        self._check_rows(ids, what)
+        self._check_rows(ids, s, what, shown)
         return ids, s
 
-    def _check_rows(self, ids: torch.Tensor, what: str) -> None:
-        if self._fused is not None and self.tables.row_index is not None and ids.numel() > 1:
-            raise SteeringError(f"{what}: per-prompt strengths or routes on a pipeline need mode='hooks' (the "
-                                f"fused kernels expand rows for generate(), not for a CFG-doubled denoiser batch)")
+    def _check_rows(self, ids: torch.Tensor, s: torch.Tensor, what: str, shown) -> None:
+        for patch in self.patches:
+            patch.check_rows(ids, s, what, shown)
 
     def _commit_rows(self, ids: torch.Tensor, strength: torch.Tensor) -> None:
-        """Tables and fused routing buffers together, or neither."""
-        before = self.tables._state  # one immutable tuple (tables.py): putting it back is exact
+        """The tables and every patch together, or none: on a failure the previous routing is put back
+        (the failing patch puts itself back; those already moved are set to the previous rows again)."""
+        before = self.tables.routing()
         self.tables.set_rows(ids, strength)
-        if self._fused is not None:
-            try:
-                self._fused.set_rows(self.tables.ids, self.tables.strength)  # all or nothing itself
-            except BaseException:
-                self.tables._state = before
-                raise
+        done = []
+        try:
+            for patch in self.patches:
+                patch.set_rows(self.tables.ids, self.tables.strength)  # all or nothing itself
+                done.append(patch)
+        except BaseException:
+            self.tables.restore_routing(before)
+            for patch in reversed(done):
+                patch.set_rows(self.tables.ids, self.tables.strength)
+            raise
 
     def set_strength(self, strength) -> None:
         """A float (every row) or a tensor ``[batch]`` (per row). Routing names are kept.
@@ -172,16 +180,7 @@ class SteerHandle:
         s = _as_strength(strength, "set_strength()")
         with model_lock(self.model):
             self._check_live()
-            if self.mode == "fold":
-                if s.numel() != 1:
-                    raise SteeringError(f"set_strength(): strength={strength!r} has {s.numel()} rows, but "
-                                        f"mode='fold' has one fixed strength: per-row strengths need mode='hooks'")
-                st = self.steerings[self.names[0]]
-                # refold from the saved originals (never divide back); keeps the old fold on failure
-                self._editor = refold(self.model, self._editor, st.sites, st.scale, st.shift, float(s))
-                self._strength = float(s)
-                return
-            self._commit_rows(*self._plan_strength(s, "set_strength()"))
+            self._commit_rows(*self._plan_strength(s, "set_strength()", repr(strength)))
 
     def route(self, names, strength=1.0) -> None:
         """Per input row: a steering name (or None = unsteered) and a strength (float or list/tensor).
@@ -190,9 +189,8 @@ class SteerHandle:
         other steering calls (the routing itself is shared by every forward of the model)."""
         with model_lock(self.model):
             self._check_live()
-            if self.mode == "fold":
-                raise SteeringError("route(): mode='fold' has one fixed steering and strength; per-row "
-                                    "routing needs mode='hooks' or 'fused'")
+            for patch in self.patches:
+                patch.check_route("route()")
             if isinstance(names, str) or not isinstance(names, (list, tuple)) or not names:
                 raise SteeringError(f"route(): names={names!r} is not valid; expected a non-empty list of "
                                     f"steering names (loaded: {self.names}) or None, one per input row")
@@ -208,12 +206,16 @@ class SteerHandle:
                 raise SteeringError(f"route(): {len(names)} names but {s.numel()} strengths "
                                     f"(strength={strength!r}); expected one strength or one per name")
             ids = torch.tensor([-1 if n is None else self.names.index(n) for n in names])
-            self._check_rows(ids, "route()")
-            self._commit_rows(ids, s.expand(len(names)).clone())
+            s = s.expand(len(names)).clone()
+            self._check_rows(ids, s, "route()", repr(strength))
+            self._commit_rows(ids, s)
 
     @property
     def strength(self):
-        return self._strength if self.mode == "fold" else self.tables.strength.clone()
+        """Strength per routed row (a tensor); ``fold`` mode: its one strength (a float)."""
+        if self.mode == "fold":
+            return float(self.tables.strength[0])
+        return self.tables.strength.clone()
 
     # ------------------------------------------------------------ removal
     def remove(self) -> None:
@@ -223,14 +225,7 @@ class SteerHandle:
         with model_lock(self.model):
             if getattr(self.model, ATTR, None) is not self:
                 return
-            if self._fused is not None:
-                self._fused.remove()  # all or nothing
-                self._fused = None
-            if self._editor is not None:
-                self._editor.restore()  # all or nothing
-                self._editor = None
-            self._remove_hooks()
-            self._stop_tracking()
+            _remove_all(self.patches)
             delattr(self.model, ATTR)
 
     def _check_live(self) -> None:
@@ -245,6 +240,14 @@ class SteerHandle:
 
     def __repr__(self) -> str:
         return f"SteerHandle(mode={self.mode!r}, steerings={self.names}, sites={len(self.sites)})"
+
+
+def _remove_all(patches: list[Patch]) -> None:
+    """Remove every patch, in the order installed: the fused stand-ins and a fold (the removals that can
+    fail, each all or nothing) come before the hooks registered on top of them and the layout tracking
+    (whose removal cannot fail), so a failure leaves every patch installed as it was."""
+    for patch in patches:
+        patch.remove()
 
 
 _VALID_STRENGTH = "a finite real number, or a non-empty 1-D tensor/list of finite real numbers (one per row)"

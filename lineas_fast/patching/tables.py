@@ -7,6 +7,8 @@ k beams / return sequences): expanded row i inherits row ``i // k``.
 Where a steering carries a support clamp at a site, its rows apply the map only where ``lo < h < hi``
 (other steerings at that site get ±inf bounds, i.e. no clamp); unclamped sites take the plain path.
 
+These tables hold THE routing state of a steered model: every patch of a handle (hooks, fused stand-ins,
+a fold) follows it, none keeps a routing of its own but as a mirror written through its ``set_rows``.
 The routing state (ids, strengths, whether every row is unsteered, the coefficient cache) is one tuple that
 ``set_rows`` replaces in a single assignment, so a forward reading it concurrently sees either the old
 routing or the new one, never a mix. When every row's effective strength is exactly 0, ``apply``
@@ -68,6 +70,14 @@ class SteeringTables:
         """Replace the routing in one assignment (see the module docstring)."""
         ids, strength = ids.long().cpu(), strength.float().cpu()
         self._state = (ids, strength, row_identity(ids, strength), {})
+
+    def routing(self) -> tuple:
+        """The routing as it stands, an opaque immutable value for :meth:`restore_routing`."""
+        return self._state
+
+    def restore_routing(self, routing: tuple) -> None:
+        """Put back a :meth:`routing` value, exactly (one assignment, as ``set_rows``)."""
+        self._state = routing
 
     def coefficients(self, site: str, batch: int) -> tuple:
         """``(a, c)`` of shape ``[batch or 1, d]`` for one site, plus ``(lo, hi)`` where it is clamped."""
