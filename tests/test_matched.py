@@ -102,3 +102,37 @@ def test_fluency_from_the_greedy_logits_equals_a_separate_pass(tok, kind):
     assert (texts2, ids2) == (texts, ids)
     assert [len(r) for r in nll] == [len(r) for r in ids]
     assert lf.evaluate.fluency_of(nll) == pytest.approx(lf.evaluate.fluency(model, tok, prompts, ids), rel=1e-4)
+
+
+def _nll64(model, ids: list[int], first_scored: int) -> tuple[float, int]:
+    """Summed next-token NLL of one unpadded sequence in float64, tokens from ``first_scored`` on."""
+    import torch
+
+    with torch.no_grad():
+        logits = model(input_ids=torch.tensor([ids])).logits[0].double()
+    nll = torch.logsumexp(logits[:-1], -1) - logits[:-1].gather(1, torch.tensor(ids[1:])[:, None])[:, 0]
+    return float(nll[first_scored - 1:].sum()), len(ids) - first_scored
+
+
+@pytest.mark.parametrize("kind", ["llama", "gpt2"])
+def test_perplexity_and_fluency_equal_an_unbatched_float64_reference(tok, kind):
+    """Batched, padded scoring (rows of different lengths in one batch) gives what scoring each text alone
+    in float64 gives: padding and the last position are never scored, every other token is."""
+    model = make_model(kind)
+    texts = ["the river flows to the sea and on", "a history", "the album was released in may of that year",
+             "nobody"]
+    bos = [tok.bos_token_id] if tok.bos_token_id is not None else []
+    total, count = 0.0, 0
+    for t in texts:
+        s, n = _nll64(model, bos + tok(t, add_special_tokens=False)["input_ids"], 1)
+        total, count = total + s, count + n
+    assert lf.evaluate.perplexity(model, tok, texts, batch_size=3) == pytest.approx(math.exp(total / count),
+                                                                                  rel=1e-5)
+    prompts, conts = texts[:3], [[5, 6, 7], [8], [9, 10]]
+    total, count = 0.0, 0
+    for p, c in zip(prompts, conts):
+        pid = tok(p)["input_ids"]
+        s, n = _nll64(model, pid + c, len(pid))
+        total, count = total + s, count + n
+    assert lf.evaluate.fluency(model, tok, prompts, conts, batch_size=2) == pytest.approx(
+        math.exp(total / count), rel=1e-5)

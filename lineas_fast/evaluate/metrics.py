@@ -106,11 +106,15 @@ def fluency_of(nlls: list[list[float]]) -> float:
 def _nll(model, ids: torch.Tensor, mask: torch.Tensor, scored: torch.Tensor) -> tuple[float, int]:
     """Summed next-token NLL over positions where ``scored`` is true, and their count."""
     pos = (mask.cumsum(-1) - 1).clamp(min=0)
-    logits = model(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=False).logits[:, :-1].float()
-    target = ids[:, 1:]
-    nll = torch.nn.functional.cross_entropy(logits.transpose(1, 2), target, reduction="none")
-    keep = scored[:, 1:] & mask[:, 1:].bool()
-    return float(nll[keep].sum()), int(keep.sum())
+    logits = model(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=False).logits.float()
+    # Position t predicts token t + 1; the last position and unscored ones are ignored. Cross-entropy over
+    # the flat [rows · positions, vocab] logits reads each row contiguously — over ``logits.transpose(1, 2)``
+    # it strides across the vocabulary and took as long as the model's forward itself.
+    keep = torch.zeros_like(mask, dtype=torch.bool)
+    keep[:, :-1] = scored[:, 1:] & mask[:, 1:].bool()
+    target = torch.where(keep, ids.roll(-1, 1), -100)
+    nll = torch.nn.functional.cross_entropy(logits.flatten(0, 1), target.flatten(), reduction="none")
+    return float(nll.view_as(keep)[keep].sum()), int(keep.sum())
 
 
 def perplexity(model, tok, texts: list[str], batch_size: int = 16, max_length: int = 192,
