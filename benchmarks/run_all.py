@@ -87,13 +87,14 @@ def main(argv=None) -> int:
     meta = {"runs": runs, "quick": args.quick, "threads": args.threads, "total_s": round(time.perf_counter() - t0, 1),
             "commit": commit, "finished": f"{datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M}",
             "make_bench_s": None if args.started_at is None else round(time.time() - args.started_at, 1),
-            "only": args.only}
+            "only": args.only, "versions": report.versions()}
     saved = OUT / "runs.json"
     if args.only and saved.exists():  # a partial re-run: keep the full run's facts, note what was redone
         full = json.loads(saved.read_text())
         done = {r["name"] for r in runs}
         full["runs"] = [r for r in full["runs"] if r["name"] not in done] + runs
-        full.setdefault("reruns", []).append({k: meta[k] for k in ("only", "commit", "finished", "total_s", "quick")})
+        full.setdefault("reruns", []).append({k: meta[k] for k in ("only", "commit", "finished", "total_s", "quick",
+                                                                   "versions")})
         meta = full
     saved.write_text(json.dumps(meta, indent=1))
     report.write(meta)

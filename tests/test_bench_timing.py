@@ -115,3 +115,15 @@ def test_rotated_rotates_and_leaves_the_warm_up_out():
     calls.clear()
     r = timing.rotated(fns, repeats=2, base="a", warm_up=False)
     assert len(calls) == 6 and all("first_call_s" not in v for v in r.values())
+
+
+def test_report_header_states_the_versions_the_run_recorded():
+    """RESULTS.md names the versions the benchmarks ran with (``runs.json``), not those of whoever re-renders
+    it later; a run that recorded none says the versions shown are the rendering environment's."""
+    import report
+
+    meta = {"threads": 2, "finished": "2026-01-01 00:00", "total_s": 60.0, "quick": False, "commit": "abc1234"}
+    recorded = report.stamp({**meta, "versions": "Python 3.0, torch 0.1"})
+    assert "Versions: Python 3.0, torch 0.1." in recorded
+    unrecorded = " ".join(report.stamp(meta))
+    assert "the run did not record its own" in unrecorded and report.versions() in unrecorded

@@ -1,0 +1,81 @@
+"""Passage-perplexity scoring: the library's ``lf.evaluate.perplexity`` against the model's forward alone
+and against the former scoring (cross-entropy over ``logits.transpose(1, 2)``), side by side.
+
+Each round times, interleaved, on the demo's 39 eval WikiText passages (batches of 16): the decoder's
+forward without the LM head (a lower bound), ``perplexity`` as shipped, and the former formulation on
+the same batches. Prints the medians, their ratios and the two PPLs (which must agree to 1e-3).
+
+Usage: python benchmarks/bench_scoring.py --threads 2 --rounds 3
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import statistics
+import time
+
+import torch
+
+
+def former_perplexity(model, tok, texts, batch_size=16, max_length=192):
+    """The scoring before the fix: same batches, cross-entropy over the vocabulary as dimension 1."""
+    from lineas_fast.evaluate.metrics import _pad
+
+    rows_all = [[tok.bos_token_id] + tok(t, add_special_tokens=False)["input_ids"][:max_length] for t in texts]
+    total, count = 0.0, 0
+    with torch.no_grad():
+        for i in range(0, len(rows_all), batch_size):
+            ids, mask = _pad(rows_all[i:i + batch_size], tok.pad_token_id, "cpu")
+            pos = (mask.cumsum(-1) - 1).clamp(min=0)
+            logits = model(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=False).logits[:, :-1]
+            nll = torch.nn.functional.cross_entropy(logits.float().transpose(1, 2), ids[:, 1:], reduction="none")
+            keep = mask[:, 1:].bool()
+            total, count = total + float(nll[keep].sum()), count + int(keep.sum())
+    return math.exp(total / count)
+
+
+def body_only(model, tok, texts, batch_size=16, max_length=192):
+    """The decoder's forward on the same batches, without the LM head or any scoring."""
+    from lineas_fast.evaluate.metrics import _pad
+
+    rows_all = [[tok.bos_token_id] + tok(t, add_special_tokens=False)["input_ids"][:max_length] for t in texts]
+    with torch.no_grad():
+        for i in range(0, len(rows_all), batch_size):
+            ids, mask = _pad(rows_all[i:i + batch_size], tok.pad_token_id, "cpu")
+            model.model(input_ids=ids, attention_mask=mask)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--rounds", type=int, default=3)
+    args = ap.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    import lineas_fast as lf
+    from lineas_fast.data import wiki_passages
+
+    model, tok = lf.load_model()
+    passages = wiki_passages(tok, "eval")
+    arms = {"forward only": lambda: body_only(model, tok, passages),
+            "perplexity (shipped)": lambda: lf.evaluate.perplexity(model, tok, passages),
+            "former scoring": lambda: former_perplexity(model, tok, passages)}
+    times, ppl = {k: [] for k in arms}, {}
+    for _ in range(args.rounds):
+        for name, fn in arms.items():
+            t0 = time.perf_counter()
+            ppl[name] = fn()
+            times[name].append(time.perf_counter() - t0)
+    med = {k: statistics.median(v) for k, v in times.items()}
+    print({k: [round(x, 2) for x in v] for k, v in times.items()})
+    print(f"{len(passages)} passages, {args.rounds} rounds, {torch.get_num_threads()} threads (median s)")
+    for name in arms:
+        print(f"  {name:22s} {med[name]:6.2f} s  ({med[name] / med['forward only']:.2f}× the forward)")
+    print(f"  former / shipped: {med['former scoring'] / med['perplexity (shipped)']:.2f}×;  "
+          f"PPL {ppl['perplexity (shipped)']:.4f} (shipped) vs {ppl['former scoring']:.4f} (former)")
+    assert abs(ppl["perplexity (shipped)"] / ppl["former scoring"] - 1) < 1e-3
+
+
+if __name__ == "__main__":
+    main()
