@@ -18,15 +18,20 @@ import time
 import torch
 
 
-def former_perplexity(model, tok, texts, batch_size=16, max_length=192):
-    """The scoring before the fix: same batches, cross-entropy over the vocabulary as dimension 1."""
+def _batches(tok, texts, batch_size=16, max_length=192):
+    """The batches :func:`lineas_fast.evaluate.perplexity` scores: BOS + each passage, padded per batch."""
     from lineas_fast.evaluate.metrics import _pad
 
-    rows_all = [[tok.bos_token_id] + tok(t, add_special_tokens=False)["input_ids"][:max_length] for t in texts]
+    rows = [[tok.bos_token_id] + tok(t, add_special_tokens=False)["input_ids"][:max_length] for t in texts]
+    for i in range(0, len(rows), batch_size):
+        yield _pad(rows[i:i + batch_size], tok.pad_token_id, "cpu")
+
+
+def former_perplexity(model, tok, texts):
+    """The scoring before the fix: same batches, cross-entropy over the vocabulary as dimension 1."""
     total, count = 0.0, 0
     with torch.no_grad():
-        for i in range(0, len(rows_all), batch_size):
-            ids, mask = _pad(rows_all[i:i + batch_size], tok.pad_token_id, "cpu")
+        for ids, mask in _batches(tok, texts):
             pos = (mask.cumsum(-1) - 1).clamp(min=0)
             logits = model(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=False).logits[:, :-1]
             nll = torch.nn.functional.cross_entropy(logits.float().transpose(1, 2), ids[:, 1:], reduction="none")
@@ -35,15 +40,11 @@ def former_perplexity(model, tok, texts, batch_size=16, max_length=192):
     return math.exp(total / count)
 
 
-def body_only(model, tok, texts, batch_size=16, max_length=192):
+def body_only(model, tok, texts):
     """The decoder's forward on the same batches, without the LM head or any scoring."""
-    from lineas_fast.evaluate.metrics import _pad
-
-    rows_all = [[tok.bos_token_id] + tok(t, add_special_tokens=False)["input_ids"][:max_length] for t in texts]
     with torch.no_grad():
-        for i in range(0, len(rows_all), batch_size):
-            ids, mask = _pad(rows_all[i:i + batch_size], tok.pad_token_id, "cpu")
-            model.model(input_ids=ids, attention_mask=mask)
+        for ids, mask in _batches(tok, texts):
+            model.base_model(input_ids=ids, attention_mask=mask)
 
 
 def main() -> None:

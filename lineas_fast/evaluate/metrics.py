@@ -107,14 +107,14 @@ def _nll(model, ids: torch.Tensor, mask: torch.Tensor, scored: torch.Tensor) -> 
     """Summed next-token NLL over positions where ``scored`` is true, and their count."""
     pos = (mask.cumsum(-1) - 1).clamp(min=0)
     logits = model(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=False).logits.float()
-    # Position t predicts token t + 1; the last position and unscored ones are ignored. Cross-entropy over
-    # the flat [rows · positions, vocab] logits reads each row contiguously — over ``logits.transpose(1, 2)``
-    # it strides across the vocabulary and took as long as the model's forward itself.
+    # Position t predicts token t + 1; the last position and unscored ones get the ignored target (NLL 0).
+    # Cross-entropy over the flat [rows · positions, vocab] logits reads each row contiguously — over
+    # ``logits.transpose(1, 2)`` it strides across the vocabulary and took as long as the model's forward.
     keep = torch.zeros_like(mask, dtype=torch.bool)
     keep[:, :-1] = scored[:, 1:] & mask[:, 1:].bool()
     target = torch.where(keep, ids.roll(-1, 1), -100)
-    nll = torch.nn.functional.cross_entropy(logits.flatten(0, 1), target.flatten(), reduction="none")
-    return float(nll.view_as(keep)[keep].sum()), int(keep.sum())
+    nll = torch.nn.functional.cross_entropy(logits.flatten(0, 1), target.flatten(), reduction="sum")
+    return float(nll), int(keep.sum())
 
 
 def perplexity(model, tok, texts: list[str], batch_size: int = 16, max_length: int = 192,
