@@ -1,11 +1,15 @@
-"""Passage-perplexity scoring: the library's ``lf.evaluate.perplexity`` against the model's forward alone
-and against the former scoring (cross-entropy over ``logits.transpose(1, 2)``), side by side.
+"""The evaluation's two costs, side by side: passage-perplexity scoring and greedy generation.
 
-Each round times, interleaved, on the demo's 39 eval WikiText passages (batches of 16): the decoder's
-forward without the LM head (a lower bound), ``perplexity`` as shipped, and the former formulation on
-the same batches. Prints the medians, their ratios and the two PPLs (which must agree to 1e-3).
+Scoring: each round times, interleaved, on the demo's 39 eval WikiText passages (batches of 16): the
+decoder's forward without the LM head (a lower bound), ``lf.evaluate.perplexity`` as shipped, and the
+former formulation (cross-entropy over ``logits.transpose(1, 2)``) on the same batches. Prints the medians,
+their ratios and the two PPLs (which must agree to 1e-3).
 
-Usage: python benchmarks/bench_scoring.py --threads 2 --rounds 3
+Generation (``--generate``): each round times ``lf.evaluate.continuations`` on the 300 eval prompts (greedy,
+20 tokens, batches of 50) with one stream on every thread and with two streams (two batches at once, each
+on half the threads), interleaved; the two must give every prompt the same tokens.
+
+Usage: python benchmarks/bench_scoring.py --threads 2 --rounds 3 [--generate]
 """
 
 from __future__ import annotations
@@ -51,6 +55,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--generate", action="store_true", help="also time generation: one stream against two")
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -76,6 +81,26 @@ def main() -> None:
     print(f"  former / shipped: {med['former scoring'] / med['perplexity (shipped)']:.2f}×;  "
           f"PPL {ppl['perplexity (shipped)']:.4f} (shipped) vs {ppl['former scoring']:.4f} (former)")
     assert abs(ppl["perplexity (shipped)"] / ppl["former scoring"] - 1) < 1e-3
+    if args.generate:
+        generation(model, tok, args.rounds)
+
+
+def generation(model, tok, rounds: int) -> None:
+    """Greedy continuations of the 300 eval prompts with one stream and with two, interleaved."""
+    import lineas_fast as lf
+
+    prompts = lf.data.load_texts("toxic", "eval")
+    times, ids = {1: [], 2: []}, {}
+    for _ in range(rounds):
+        for streams in times:
+            t0 = time.perf_counter()
+            ids[streams] = lf.evaluate.continuations(model, tok, prompts, streams=streams)[1]
+            times[streams].append(time.perf_counter() - t0)
+    med = {k: statistics.median(v) for k, v in times.items()}
+    print({f"{k} stream(s)": [round(x, 2) for x in v] for k, v in times.items()})
+    print(f"generation, {len(prompts)} prompts × 20 tokens: one stream {med[1]:.2f} s, two streams {med[2]:.2f} s "
+          f"→ {med[1] / med[2]:.2f}×; same tokens for {sum(a == b for a, b in zip(ids[1], ids[2]))} of {len(prompts)}")
+    assert ids[1] == ids[2]
 
 
 if __name__ == "__main__":

@@ -104,6 +104,26 @@ def test_fluency_from_the_greedy_logits_equals_a_separate_pass(tok, kind):
     assert lf.evaluate.fluency_of(nll) == pytest.approx(lf.evaluate.fluency(model, tok, prompts, ids), rel=1e-4)
 
 
+@pytest.mark.parametrize("mode", ["hooks", "fused"])
+def test_two_generation_streams_give_each_row_the_tokens_of_one_stream(tok, mode):
+    """``continuations(streams=2)`` runs two batches at once on one (steered) model: every row's tokens and
+    NLLs are those of the one-stream run, in the input order, and the caller's thread count is unchanged."""
+    import torch
+
+    model = make_model("llama")
+    prompts = ["you are a bad", "i hate this and", "what", "go away now, you", "a history of the", "nobody",
+               "the river flows"]
+    st = random_steering(model, "mlp_hidden", seed=3, spread=0.5)
+    threads = torch.get_num_threads()
+    with lf.steered(model, st, mode=mode):
+        one = lf.evaluate.continuations(model, tok, prompts, max_new_tokens=5, batch_size=2, with_nll=True, streams=1)
+        two = lf.evaluate.continuations(model, tok, prompts, max_new_tokens=5, batch_size=2, with_nll=True, streams=2)
+    unsteered = lf.evaluate.continuations(model, tok, prompts, max_new_tokens=5, batch_size=2, streams=2)
+    assert two[:2] == one[:2] and unsteered[1] != one[1]
+    assert two[2] == one[2]
+    assert torch.get_num_threads() == threads and tok.padding_side == "right"
+
+
 def _nll64(model, ids: list[int], first_scored: int) -> tuple[float, int]:
     """Summed next-token NLL of one unpadded sequence in float64, tokens from ``first_scored`` on."""
     import torch
