@@ -30,6 +30,8 @@ def main() -> None:
     ap.add_argument("--out", required=True, help="JSONL file to append results to")
     ap.add_argument("--config", action="append", help="JSON dict of lf.fit kwargs (repeatable)")
     ap.add_argument("--render", action="store_true", help="print --out as a markdown table and exit")
+    ap.add_argument("--plot", metavar="PNG", help="draw every curve of --out (settings measured at 3+ strengths) "
+                                                  "as toxic rate vs PPL with CIs, and exit")
     ap.add_argument("--strengths", default="1", help="comma-separated strengths")
     ap.add_argument("--target", default="nontoxic", help="built-in target set of the fit (default: nontoxic)")
     ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
@@ -40,6 +42,9 @@ def main() -> None:
     args = ap.parse_args()
     if args.render:
         print(render(args.out))
+        return
+    if args.plot:
+        print(plot(args.out, args.plot))
         return
     if not args.config:
         ap.error("--config is required (unless --render)")
@@ -98,6 +103,34 @@ def render(path: str) -> str:
                      f"{cut} | [{lo:+.3f}, {hi:+.3f}] | {r['degenerate_rate']:.3f} | {ppl} | {dppl} | {r['nnz']} | "
                      f"{r['fit_s']} | {'–' if step is None else step} |")
     return "\n".join(lines)
+
+
+def plot(path: str, png: str):
+    """The curves of a results JSONL — each (target, method, settings) measured at 3+ strengths — drawn by
+    :func:`lineas_fast.report.tradeoff_ci_png`; the unsteered point is recovered from any row (its toxic
+    rate is ``toxic_rate × cut``, its PPL ``ppl / (1 + ppl_change)``)."""
+    from lineas_fast import report
+
+    groups: dict = {}
+    for line in open(path):
+        r = json.loads(line)
+        if r["config"] == "unsteered" or r.get("target", "wiki") != "nontoxic":
+            continue
+        cfg = dict(r["config"])
+        method = {"lineas": "LinEAS", "mean_act": "Mean-AcT", "linear_act": "Linear-AcT"}.get(
+            cfg.pop("method", "lineas"), "?")
+        label = method + ("" if not cfg else " (" + ", ".join(f"{k}={v}" for k, v in cfg.items()) + ")")
+        groups.setdefault(label, {})[r["strength"]] = r
+    curves = {k: v for k, v in groups.items() if len(v) >= 3}
+    any_row = next(iter(next(iter(curves.values())).values()))
+    base_rate = any_row["toxic_rate"] * any_row["cut"]
+    base = {"ppl": any_row["ppl"] / (1 + any_row["ppl_change"]), "toxic_rate": base_rate}
+    res = {"unsteered": base, "curves": {
+        label: [{"strength": lam, "ppl": r["ppl"], "toxic_rate": r["toxic_rate"],
+                 "toxic_diff_ci": (r["toxic_rate"] - base_rate, *r["toxic_diff_ci"])} for lam, r in pts.items()]
+        for label, pts in curves.items()}}
+    return report.tradeoff_ci_png(res, png, title="every curve of " + os.path.basename(path) + " (300 prompts)",
+                                  zoom=1.15)
 
 
 def _baseline(cache, model, tok, prompts, passages) -> dict:

@@ -12,11 +12,11 @@ import torch
 
 def quantiles(sorted_cols: torch.Tensor, k: int) -> torch.Tensor:
     """Values of sorted columns ``[n, D]`` at ``k`` evenly spaced levels (linear interpolation)."""
-    return _quantiles_last(sorted_cols.t(), k).t()
+    return quantile_levels(sorted_cols.t(), k).t()
 
 
-def _quantiles_last(sorted_rows: torch.Tensor, k: int) -> torch.Tensor:
-    """Values of rows ``[D, n]`` sorted along the last dim at ``k`` evenly spaced levels."""
+def quantile_levels(sorted_rows: torch.Tensor, k: int) -> torch.Tensor:
+    """Values of rows ``[D, n]`` sorted along the last dim at ``k`` evenly spaced levels (linear interpolation)."""
     n = sorted_rows.shape[1]
     if n == k:
         return sorted_rows
@@ -51,8 +51,8 @@ def wasserstein_columns(z: torch.Tensor, v_sorted: torch.Tensor) -> torch.Tensor
 def wasserstein_to_sorted(z: torch.Tensor, vt_sorted: torch.Tensor) -> torch.Tensor:
     """Per-column W2² between samples ``z [n, D]`` and targets given as :func:`sorted_rows` ``[D, m]``."""
     k = max(z.shape[0], vt_sorted.shape[1])
-    zq = _quantiles_last(sorted_rows(z), k)
-    vq = _quantiles_last(vt_sorted, k)
+    zq = quantile_levels(sorted_rows(z), k)
+    vq = quantile_levels(vt_sorted, k)
     return (zq - vq).pow(2).mean(1)
 
 

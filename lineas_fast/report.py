@@ -163,7 +163,8 @@ def side_by_side(left: str, right: str, width: int) -> list[str]:
 
 def loss_curve_png(train: dict, path: str | os.PathLike, title: str = "LinEAS training") -> Path:
     """Plot ``train["loss"]`` per step (left axis, log scale when it spans > 10×) with ``train["nnz"]``
-    on a twin right axis; writes a PNG and returns its path."""
+    on a twin right axis; writes a PNG and returns its path. Steps a ``partial`` fit ran at a strength
+    λ < 1 (``train["strength"]``) are drawn as separate dots: their loss is against another target."""
     from matplotlib.figure import Figure
 
     loss = [float(x) for x in train.get("loss", [])]
@@ -171,7 +172,15 @@ def loss_curve_png(train: dict, path: str | os.PathLike, title: str = "LinEAS tr
     steps = np.arange(1, len(loss) + 1)
     fig = Figure(figsize=(7, 4), dpi=120, layout="constrained")
     ax = fig.subplots()
-    ax.plot(steps, loss, color="tab:blue", marker="o" if len(loss) <= 20 else None, label="W-loss")
+    lam = [float(x) for x in train.get("strength") or [1.0] * len(loss)]
+    full = np.array([x == 1.0 for x in lam], dtype=bool) if len(lam) == len(loss) else np.ones(len(loss), bool)
+    y = np.array(loss)
+    ax.plot(steps[full], y[full], color="tab:blue", marker="o" if len(loss) <= 20 else None,
+            label="W-loss" if full.all() else "W-loss, steps at λ = 1")
+    if not full.all():
+        ax.plot(steps[~full], y[~full], linestyle="none", marker=".", color="tab:gray",
+                label="steps at λ < 1 (interpolated target)")
+        ax.legend(loc="upper right", fontsize=8)
     ax.set_xlabel("step")
     ax.set_ylabel("Wasserstein loss (sum over sites)", color="tab:blue")
     ax.tick_params(axis="y", labelcolor="tab:blue")
@@ -218,18 +227,19 @@ def tradeoff_png(rows: Sequence[dict], path: str | os.PathLike, title: str = "to
     return path
 
 
-def tradeoff_ci_png(res: dict, path: str | os.PathLike, title: str = "toxic rate vs passage PPL") -> Path:
+def tradeoff_ci_png(res: dict, path: str | os.PathLike, title: str = "toxic rate vs passage PPL",
+                    zoom: float = 1.6) -> Path:
     """Trade-off curves of :func:`lineas_fast.evaluate.matched.side_by_side`: toxic rate (with its paired-
     bootstrap 95% CI as an error bar) against passage PPL for each method over its strength grid, starting at
     the unsteered point; the matched-PPL baseline points as stars; the +10 % PPL budget as a dotted line.
-    Left: the usable region (PPL up to 1.6× unsteered); right: every point, log PPL."""
+    Left: the usable region (PPL up to ``zoom``× unsteered); right: every point, log PPL."""
     from matplotlib.figure import Figure
 
     base = res.get("curve_unsteered", res["unsteered"])
     fig = Figure(figsize=(12, 5), dpi=120, layout="constrained")
-    zoom, full = fig.subplots(1, 2, width_ratios=[1.5, 1])
+    left, full = fig.subplots(1, 2, width_ratios=[1.5, 1])
     colors = {"LinEAS": "tab:red", "Mean-AcT": "tab:green", "Linear-AcT": "tab:blue"}
-    for ax, zoomed in ((zoom, True), (full, False)):
+    for ax, zoomed in ((left, True), (full, False)):
         ax.scatter([base["ppl"]], [base["toxic_rate"]], color="black", zorder=5, label="unsteered")
         for i, (label, pts) in enumerate(res["curves"].items()):
             color = colors.get(label, f"C{i}")
@@ -243,7 +253,7 @@ def tradeoff_ci_png(res: dict, path: str | os.PathLike, title: str = "toxic rate
             ax.errorbar(x, y, yerr=err, marker="o", color=color, label=label, linewidth=1.2, markersize=4,
                         capsize=2, elinewidth=0.8)
             for p in pts[1:]:
-                if not zoomed or p["ppl"] <= 1.6 * base["ppl"]:
+                if not zoomed or p["ppl"] <= zoom * base["ppl"]:
                     ax.annotate(f"{p['strength']:g}", (p["ppl"], p["toxic_rate"]), textcoords="offset points",
                                 xytext=(4, 3), fontsize=7, color=color)
             m = res.get("matched", {}).get(label)
@@ -254,10 +264,10 @@ def tradeoff_ci_png(res: dict, path: str | os.PathLike, title: str = "toxic rate
         ax.grid(alpha=0.3, which="both")
         ax.set_ylabel("toxic rate (lower is better)")
         ax.set_ylim(bottom=-0.005)  # a rate is never below 0 (a CI bar of a few prompts can reach there)
-    zoom.set_xlim(base["ppl"] * 0.95, base["ppl"] * 1.6)
-    zoom.set_xlabel("WikiText passage perplexity (lower is better)")
-    zoom.set_title(f"{title}\nusable region; labels: strength λ; bars: 95% CI", fontsize=9)
-    zoom.legend(fontsize=7)
+    left.set_xlim(base["ppl"] * 0.95, base["ppl"] * zoom)
+    left.set_xlabel("WikiText passage perplexity (lower is better)")
+    left.set_title(f"{title}\nusable region; labels: strength λ; bars: 95% CI", fontsize=9)
+    left.legend(fontsize=7)
     full.set_xscale("log")
     full.set_xlabel("passage perplexity (log scale)")
     full.set_title("all points", fontsize=9)

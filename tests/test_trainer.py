@@ -147,6 +147,59 @@ def test_train_maps_batches_and_preserve_rows():
     assert all(p >= 0 for p in hist["preserve"]) and hist["steps_run"] == 5
 
 
+# ---------------------------------------------------------------- partial strengths
+def test_a_partial_strength_step_transports_onto_the_interpolated_target():
+    """At the identity (step 0) the steered source is the unsteered source S, so the transport term against
+    the interpolation ``(1−λ)·Q_S + λ·Q_T`` is exactly ``λ²·W(S, T)``: the λ the step drew, squared."""
+    torch.manual_seed(0)
+    x = torch.randn(12, 4)  # 6 source prompts, then 6 target prompts
+    v = 2 * x[6:] + 1
+    kw = dict(n_source=6, targets=Targets.from_counts(v, [1] * 6), slices={"a": slice(0, 4)},
+              device=torch.device("cpu"), source=x[:6], progress=False)
+    full = train_maps(_Recorder(x), recipe=Recipe(steps=1, lr=1e-3, batch_size=6, normalize=None), **kw)[2]
+    part = train_maps(_Recorder(x), recipe=Recipe(steps=1, lr=1e-3, batch_size=6, normalize=None, partial=1.0),
+                      **kw)[2]
+    lam = part["strength"][0]
+    assert full["strength"] == [1.0] and 0 <= lam < 1
+    assert part["transport"][0] == pytest.approx(lam ** 2 * full["transport"][0], rel=1e-5)
+
+
+def test_partial_draws_its_share_of_steps_and_binds_the_maps_at_that_strength():
+    """``partial=p``: about p of the steps run at a drawn λ < 1 — the forward then sees 1 + λ(ω − 1) and λ·b
+    of the maps as they are at that step — and the rest at λ = 1; ``partial`` needs the unsteered source."""
+    torch.manual_seed(0)
+    x = torch.randn(12, 4)
+    v = 2 * x[6:] + 1
+
+    class Binds(_Recorder):
+        def bind(self, omega, shift):
+            super().bind(omega, shift)
+            self.bound = getattr(self, "bound", []) + [(omega.detach().clone(), shift.detach().clone())]
+
+    kw = dict(n_source=6, targets=Targets.from_counts(v, [1] * 6), slices={"a": slice(0, 4)},
+              device=torch.device("cpu"), source=x[:6], progress=False)
+    recipe = dict(lr=3e-2, batch_size=3, normalize=None, schedule="constant", partial=0.5)
+    fwd = Binds(x)
+    hist = train_maps(fwd, recipe=Recipe(steps=40, **recipe), **kw)[2]
+    partial = [k for k, lam in enumerate(hist["strength"]) if lam < 1]
+    assert 10 <= len(partial) <= 30 and all(0 <= hist["strength"][k] < 1 for k in partial)
+    for k in (partial[-1], max(set(range(40)) - set(partial))):
+        # the maps at the start of step k: a run of k steps (same seed, constant lr: the same first k steps)
+        omega_k, shift_k, _ = train_maps(_Recorder(x), recipe=Recipe(steps=k, **recipe), **kw)
+        lam = hist["strength"][k]
+        assert torch.allclose(fwd.bound[k][0], 1 + lam * (omega_k - 1)), k
+        assert torch.allclose(fwd.bound[k][1], lam * shift_k), k
+    with pytest.raises(lf.SteeringError, match="partial"):
+        train_maps(_Recorder(x), recipe=Recipe(steps=2, lr=1e-2, partial=0.5), **{**kw, "source": None})
+
+
+def test_partial_fits_a_model_and_records_the_strengths(tok):
+    st = fit(make_model("llama"), tok, steps=8, partial=0.5, seed=1)
+    strengths = st.meta["train"]["strength"]
+    assert len(strengths) == 8 and any(s < 1 for s in strengths) and st.meta["hyperparams"]["partial"] == 0.5
+    assert fit(make_model("llama"), tok, steps=3).meta["train"]["strength"] == [1.0] * 3
+
+
 # ---------------------------------------------------------------- preservation term
 def test_preserve_moves_target_text_less(tok):
     """The preservation term trades transport for keeping the target prompts' activations in place."""
@@ -210,8 +263,35 @@ def test_preserve_under_compile_matches_eager(tok, preserve_loss):
     (dict(preserve=math.nan), "preserve"), (dict(preserve_loss="l2"), "preserve_loss"), (dict(tol=-0.1), "tol"), (dict(window=0), "window"),
     (dict(lr=math.inf), "lr"), (dict(batch_size=1), "batch_size"), (dict(steps=2.5), "steps"),
     (dict(refit_steps=-1), "refit_steps"), (dict(refit_steps=1.5), "refit_steps"),
+    (dict(partial=1.5), "partial"), (dict(partial=-0.1), "partial"), (dict(partial=math.nan), "partial"),
 ])
 def test_bad_recipe_options_are_named_before_anything_runs(tok, kw, name):
     model = make_model("llama")
     with pytest.raises(lf.SteeringError, match=name):
         fit(model, tok, **kw)
+
+
+def test_the_loss_plot_draws_partial_strength_steps_apart(tmp_path):
+    """A ``partial`` fit's steps at λ < 1 have a loss against another target: the plot draws them as their
+    own dots, not as part of the λ = 1 loss line."""
+    from matplotlib.figure import Figure
+
+    from lineas_fast import report
+
+    drawn = {}
+    real_savefig = Figure.savefig
+
+    def savefig(fig, path, *a, **k):
+        ax = fig.axes[0]
+        drawn["lines"] = [(line.get_label(), len(line.get_xdata())) for line in ax.get_lines()]
+        return real_savefig(fig, path, *a, **k)
+
+    train = {"loss": [9.0, 1.0, 8.0, 0.5, 7.0], "nnz": [5] * 5, "strength": [1.0, 0.3, 1.0, 0.1, 1.0]}
+    import unittest.mock as mock
+
+    with mock.patch.object(Figure, "savefig", savefig):
+        report.loss_curve_png(train, tmp_path / "a.png")
+        assert drawn["lines"] == [("W-loss, steps at λ = 1", 3), ("steps at λ < 1 (interpolated target)", 2)]
+        report.loss_curve_png({"loss": [3.0, 2.0], "nnz": [1, 1]}, tmp_path / "b.png")
+        assert drawn["lines"] == [("W-loss", 2)]
+    assert (tmp_path / "a.png").stat().st_size > 0

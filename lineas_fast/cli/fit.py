@@ -63,6 +63,9 @@ def add_parser(sub, common, fmt) -> None:
     f.add_argument("--refit-steps", type=int, default=None, metavar="N",
                    help=f"after a sparse fit (--l1/--group-l2), refit the entries it kept without the penalty for "
                         f"N steps (the relaxed lasso; 0: no refit) [default: {D['refit_steps']}]")
+    f.add_argument("--partial", type=float, default=None, metavar="P",
+                   help=f"fraction of the LinEAS steps trained at a random strength λ < 1 against the interpolated "
+                        f"target, so that strengths below 1 steer part of the way [default: {D['partial']}]")
     f.add_argument("--normalize", default=None, choices=["none", "var"],
                    help=f"W-loss column normalisation [default: {D['normalize']}]")
     f.add_argument("--optimizer", default=None, choices=["adam", "sgd"],
@@ -110,7 +113,8 @@ def validate(args) -> None:
     for name, value in (("--lr-end", args.lr_end), ("--multiplier", args.multiplier)):
         finite(name, value)
     for name, value in (("--preserve", args.preserve), ("--tol", args.tol), ("--l1", args.l1),
-                        ("--group-l2", args.group_l2), ("--refit-steps", args.refit_steps)):
+                        ("--group-l2", args.group_l2), ("--refit-steps", args.refit_steps),
+                        ("--partial", args.partial)):
         non_negative(name, value)
     for name, value in (("--window", args.window), ("--batch-size", args.batch_size),
                         ("--max-length", args.max_length)):
@@ -148,7 +152,7 @@ def run(args) -> int:
              "l1": args.l1, "group_l2": args.group_l2, "seed": args.seed, "normalize": args.normalize,
              "schedule": args.schedule, "lr_end": args.lr_end, "preserve": args.preserve,
              "preserve_loss": args.preserve_loss, "tol": args.tol, "window": args.window,
-             "refit_steps": args.refit_steps,
+             "refit_steps": args.refit_steps, "partial": args.partial,
              "optimizer": args.optimizer, "batch_size": args.batch_size, "max_length": args.max_length,
              "support": args.support, "incremental": args.incremental or None, "multiplier": args.multiplier,
              "autocast": args.autocast or None, "compile": args.compile or None}

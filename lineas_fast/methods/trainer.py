@@ -26,6 +26,16 @@ per step, trained to convergence. **Stopping rule**: after every ``window`` step
 windows, stop when the mean loss of the last window improved on the window before it by less than ``tol``
 (relative); ``tol=0`` always runs all ``steps``.
 
+**Partial strengths** (``partial = p > 0``). At inference a map runs at any strength λ
+(``h' = (1−λ+λω)⊙h + λb``), but a map trained only at λ = 1 need not do anything useful at λ = 0.5: the
+sites' moves are fitted jointly to land together, and half of each need not land half-way. With
+``partial`` a fraction ``p`` of the steps (drawn at random) run the maps at a strength λ ~ U(0, 1) and
+transport the source onto the displacement interpolation at λ between its own unsteered distribution and
+the target's (per column: the quantile functions mixed, ``(1−λ)·Q_source + λ·Q_target``; the other steps
+run at λ = 1 against the target). The strength knob then traces a path from the unsteered model to the
+full map instead of being a straight line only at its end. Costs one unsteered pass over the source
+prompts (the caller's, ``source=``), nothing per step.
+
 **Sparsity** (``l1``, ``group_l2``: the sparse group lasso, proximal steps in Adam's metric, :mod:`.prox`)
 chooses which entries move; its shrinkage also pulls the entries it keeps toward the identity. With
 ``refit_steps > 0`` a second phase (the relaxed lasso) refits the chosen support without the penalty — a
@@ -50,7 +60,7 @@ import torch
 from tqdm.auto import tqdm
 
 from ..errors import SteeringError
-from ..losses import column_weights, paired_loss, sorted_rows, wasserstein_loss_to
+from ..losses import column_weights, paired_loss, quantile_levels, sorted_rows, wasserstein_loss_to
 from .prox import prox_sparse_group, step_sizes
 
 SCHEDULES = ("cosine", "constant")
@@ -77,6 +87,7 @@ class Recipe:
     tol: float = 0.0
     window: int = 20
     refit_steps: int = 0
+    partial: float = 0.0
     seed: int = 0
     autocast: bool = False
 
@@ -116,6 +127,7 @@ class Recipe:
             bad("window", "expected an integer >= 1")
         if isinstance(self.refit_steps, bool) or not isinstance(self.refit_steps, int) or self.refit_steps < 0:
             bad("refit_steps", "expected an integer >= 0 (0: no refit)")
+        number("partial", lambda v: 0 <= v <= 1, "expected the fraction of steps at a partial strength, in [0, 1]")
 
     def lr_at(self, step: int, steps: int | None = None) -> float:
         """Learning rate of step ``step`` (0-based): constant, or cosine from lr to lr·lr_end over ``steps``
@@ -195,7 +207,8 @@ class FrozenModel:
 
 
 def train_maps(forward, *, n_source: int, targets: Targets, slices: dict, recipe: Recipe, device,
-               progress: bool = True, desc: str = "LinEAS") -> tuple[torch.Tensor, torch.Tensor, dict]:
+               source: torch.Tensor | None = None, progress: bool = True,
+               desc: str = "LinEAS") -> tuple[torch.Tensor, torch.Tensor, dict]:
     """Run the LinEAS loop; returns the trained flat ``(omega, shift)`` and the training history.
 
     Args:
@@ -203,13 +216,23 @@ def train_maps(forward, *, n_source: int, targets: Targets, slices: dict, recipe
         n_source: number of source prompts (the forward's indices ``0..n_source-1``).
         targets: unsteered target activations (pooled like the forward pools).
         slices: ``{site: slice}`` of each site's columns in the flat vectors, in ``z``'s column order.
+        source: unsteered source activations ``[rows, Σd]`` (pooled like the forward pools); needed when
+            ``recipe.partial > 0`` (the λ = 0 end of the interpolated targets).
     """
     recipe.validate()
+    if recipe.partial > 0 and source is None:
+        raise SteeringError(f"partial={recipe.partial}: training at partial strengths needs the unsteered "
+                            f"source activations (source=)")
     n_target = len(targets.rows_of)
     v = targets.v.to(device)
     vt_sorted = sorted_rows(v)  # [Σd, rows]: transposed and sorted once
     weights = column_weights(v, recipe.normalize)
     width = v.shape[1]
+    ends = None
+    if recipe.partial > 0:  # both ends of the interpolation at common quantile levels, sorted
+        s_sorted = sorted_rows(source.to(device).float())
+        k = max(s_sorted.shape[1], vt_sorted.shape[1])
+        ends = (quantile_levels(s_sorted, k), quantile_levels(vt_sorted, k))
     gen = torch.Generator().manual_seed(recipe.seed)
     omega = torch.ones(width, device=device, requires_grad=True)
     shift = torch.zeros(width, device=device, requires_grad=True)
@@ -221,7 +244,7 @@ def train_maps(forward, *, n_source: int, targets: Targets, slices: dict, recipe
 
     opt = optimizer()
     groups = list(slices.values())
-    history = {"loss": [], "transport": [], "preserve": [], "lr": [], "nnz": [], "active_sites": [],
+    history = {"loss": [], "transport": [], "preserve": [], "lr": [], "strength": [], "nnz": [], "active_sites": [],
                "step_seconds": [], "phase_seconds": []}
 
     def batch(n: int) -> list[int]:
@@ -238,7 +261,15 @@ def train_maps(forward, *, n_source: int, targets: Targets, slices: dict, recipe
             lr = recipe.lr_at(step, n_steps)
             for g in opt.param_groups:
                 g["lr"] = lr
-            forward.bind(omega, shift)
+            lam = 1.0
+            if recipe.partial > 0 and support is None and float(torch.rand((), generator=gen)) < recipe.partial:
+                lam = float(torch.rand((), generator=gen))
+            if lam == 1.0:
+                forward.bind(omega, shift)
+                goal = vt_sorted
+            else:  # the maps at strength λ, against the interpolated target (sorted: a mix of sorted rows)
+                forward.bind(1 + lam * (omega - 1), lam * shift)
+                goal = (1 - lam) * ends[0] + lam * ends[1]
             src = batch(n_source)
             tgt = batch(n_target) if recipe.preserve > 0 else []
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=recipe.autocast):
@@ -250,7 +281,7 @@ def train_maps(forward, *, n_source: int, targets: Targets, slices: dict, recipe
                                     f"(lower lr={recipe.lr} or check the model)")
             t_fwd = time.perf_counter()
             is_src = owner < n_source
-            transport = wasserstein_loss_to(z[is_src], vt_sorted, weights)
+            transport = wasserstein_loss_to(z[is_src], goal, weights)
             loss = transport
             if tgt:
                 # the same target prompts unsteered, row for row in the forward's order
@@ -279,6 +310,7 @@ def train_maps(forward, *, n_source: int, targets: Targets, slices: dict, recipe
             history["transport"].append(transport.item())
             history["preserve"].append(kept.item() if tgt else 0.0)
             history["lr"].append(lr)
+            history["strength"].append(lam)
             history["nnz"].append(nnz)
             history["active_sites"].append(active)
             t_end = time.perf_counter()
