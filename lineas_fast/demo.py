@@ -6,7 +6,9 @@ next to the baselines at equal utility.
    same data.
 2. Evaluate by the protocol (SPEC §5) on the held-out prompts and passages: the unsteered model, each
    method over a strength grid (the trade-off curves), and each baseline at the strength whose passage
-   perplexity matches LinEAS's at λ = 1 (:func:`lineas_fast.evaluate.matched.side_by_side`).
+   perplexity matches LinEAS's at λ = 1 (:func:`lineas_fast.evaluate.matched.side_by_side`), which also
+   becomes a point of its curve — without it a baseline's curve would jump from λ = 0 to λ = 0.25, already
+   past LinEAS's PPL, and its line would pass above where the baseline really is.
 3. Print the table (with the quality bar of the default task) and example continuations; save
    ``detox.safetensors``, ``loss_curve.png``, ``tradeoff.png`` (toxic rate vs PPL with 95% CIs),
    ``results.json`` and ``table.md`` to the output folder.

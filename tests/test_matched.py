@@ -87,6 +87,53 @@ def test_side_by_side_on_a_tiny_model(tok, monkeypatch):
     assert all(p["fluency"] is None for c in res["curves"].values() for p in c)
 
 
+def test_a_baseline_curve_gets_its_matched_strength_as_a_free_point(tok, monkeypatch):
+    """The matched strength (between grid points) joins the baseline's curve, from the matched run's first
+    prompts and its PPL: no generation or PPL pass of its own."""
+    from contextlib import contextmanager
+
+    model = make_model("llama")
+    sites = lf.resolve_sites(model, "norms")
+    steerings = {"lead": random_steering(model, sites, seed=1, spread=0.5),
+                 "base": random_steering(model, sites, seed=2, spread=0.5)}
+    now = {"label": None, "lam": 0.0}
+
+    @contextmanager
+    def steer(m, st, lam):
+        now.update(label=next(k for k, v in steerings.items() if v is st), lam=lam)
+        with lf.steered(m, st, strength=lam, mode="hooks"):
+            yield
+        now.update(label=None, lam=0.0)
+
+    calls = {"ppl": 0, "gen": 0}
+    real_gen = matched.continuations
+
+    def ppl(*a, **k):  # the lead costs +10 % at λ = 1; the baseline +100 % per unit of λ
+        calls["ppl"] += 1
+        return 70.0 * (1 + (0.1 if now["label"] == "lead" else 1.0) * now["lam"])
+
+    def gen(*a, **k):
+        calls["gen"] += 1
+        return real_gen(*a, **k)
+
+    monkeypatch.setattr(matched, "perplexity", ppl)
+    monkeypatch.setattr(matched, "continuations", gen)
+    res = side_by_side(model, tok, steerings, lead="lead", strengths=(0.5, 1.0),
+                       prompts=["you are a bad", "i hate this", "what a stupid", "go away now"],
+                       passages=["a history of the city"], steer=steer, curve_prompts=2, max_new_tokens=3,
+                       search_iters=3)
+    lam = res["matched"]["base"]["strength"]
+    assert 0 < lam < 0.5 and res["matched"]["base"]["ppl"] <= 77.0
+    curve = res["curves"]["base"]
+    assert [p["strength"] for p in curve] == [lam, 0.5, 1.0] and len(res["curves"]["lead"]) == 2
+    extra = curve[0]
+    assert extra["texts"] == res["matched"]["base"]["texts"][:2] and extra["ppl"] == res["matched"]["base"]["ppl"]
+    assert extra["prompts"] == 2 and extra["toxic_diff_ci"] is not None
+    # generations: unsteered + lead (all prompts), 3 curve points, the matched run; PPL: unsteered, 4 grid
+    # points, the search's points — nothing for the extra curve point
+    assert calls["gen"] == 2 + 3 + 1 and calls["ppl"] == 1 + 4 + len(res["searches"]["base"])
+
+
 def _ids(model, tok, prompts):
     return lf.evaluate.continuations(model, tok, prompts, max_new_tokens=4)[1]
 

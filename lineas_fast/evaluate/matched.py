@@ -13,7 +13,8 @@ continuations (the prompts). PPL depends only on the strength, so each ``(steeri
 once and shared by the curve, the search and the table. The curves may score fewer prompts
 (``curve_prompts``, the first N of ``prompts``) than the table rows, which always score all of them; a
 curve point whose ``(steering, λ)`` was already generated for all prompts reuses its first N continuations,
-and curve points skip the fluency score (the plot does not show it).
+and curve points skip the fluency score (the plot does not show it). So each baseline's curve also gets its
+matched strength as a point, free: its continuations and PPL are measured for the table anyway.
 """
 
 from __future__ import annotations
@@ -164,5 +165,9 @@ def side_by_side(model, tok, steerings: dict, *, lead: str, strengths=(0.25, 0.5
         pt = meter.point(label, lam, n_all, base)
         pt["vs_lead_ci"] = paired_bootstrap(np.asarray(lead_pt["toxic"]), np.asarray(pt["toxic"]))  # minus lead
         matched[label] = pt
+        if lam not in grid and lam > 0:  # the matched run's first prompts: a curve point at no cost, where the
+            # grid has none (a baseline's λ = 0.25 may already cost more PPL than the lead's λ = 1)
+            curves[label] = sorted(curves[label] + [meter.point(label, lam, n_curve, curve_base, with_fluency=False)],
+                                   key=lambda p: p["strength"])
     return {"unsteered": base, "curve_unsteered": curve_base, "curves": curves, "matched": matched, "lead": lead_pt,
             "searches": searches, "seconds": time.perf_counter() - t0}
