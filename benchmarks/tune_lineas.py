@@ -110,15 +110,17 @@ def plot(path: str, png: str):
     :func:`lineas_fast.report.tradeoff_ci_png`; the unsteered point is recovered from any row (its toxic
     rate is ``toxic_rate × cut``, its PPL ``ppl / (1 + ppl_change)``)."""
     from lineas_fast import report
+    from lineas_fast.demo import BASELINES
 
+    names = {"lineas": "LinEAS", **{method: label for label, method in BASELINES.items()}}
     groups: dict = {}
     for line in open(path):
         r = json.loads(line)
         if r["config"] == "unsteered" or r.get("target", "wiki") != "nontoxic":
             continue
         cfg = dict(r["config"])
-        method = {"lineas": "LinEAS", "mean_act": "Mean-AcT", "linear_act": "Linear-AcT"}.get(
-            cfg.pop("method", "lineas"), "?")
+        method = cfg.pop("method", "lineas")
+        method = names.get(method, method)
         label = method + ("" if not cfg else " (" + ", ".join(f"{k}={v}" for k, v in cfg.items()) + ")")
         groups.setdefault(label, {})[r["strength"]] = r
     curves = {k: v for k, v in groups.items() if len(v) >= 3}

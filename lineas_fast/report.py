@@ -172,8 +172,7 @@ def loss_curve_png(train: dict, path: str | os.PathLike, title: str = "LinEAS tr
     steps = np.arange(1, len(loss) + 1)
     fig = Figure(figsize=(7, 4), dpi=120, layout="constrained")
     ax = fig.subplots()
-    lam = [float(x) for x in train.get("strength") or [1.0] * len(loss)]
-    full = np.array([x == 1.0 for x in lam], dtype=bool) if len(lam) == len(loss) else np.ones(len(loss), bool)
+    full = np.asarray(train.get("strength") or [1.0] * len(loss), dtype=float) == 1.0  # λ of each step
     y = np.array(loss)
     ax.plot(steps[full], y[full], color="tab:blue", marker="o" if len(loss) <= 20 else None,
             label="W-loss" if full.all() else "W-loss, steps at λ = 1")

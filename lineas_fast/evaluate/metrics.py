@@ -64,7 +64,7 @@ def continuations(model, tok, prompts: list[str], max_new_tokens: int = 20, batc
 
     ``streams``: batches generated at once, each on its share of torch's threads (:func:`_streamed`;
     default: 2 on a CPU with 2+ threads, else 1). Greedy decoding with small batches is latency-bound on a
-    CPU — two single-threaded streams decode 300 prompts 1.3× faster than one stream on 2 threads
+    CPU — two single-threaded streams decode 300 prompts 1.2–1.3× faster than one stream on 2 threads
     (``benchmarks/bench_scoring.py``) — and each row's tokens are the same either way (tested).
     """
     device = model_device(model)
