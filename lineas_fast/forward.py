@@ -44,6 +44,7 @@ def tap(model: nn.Module, sites: list[str], on_value: Callable, stop_early: bool
     """
     seen: set[str] = set()
     handles = []
+    grid: list[int] = []  # (batch, tokens) of the forward in progress
 
     def after(spec: str):
         seen.add(spec)
@@ -51,9 +52,17 @@ def tap(model: nn.Module, sites: list[str], on_value: Callable, stop_early: bool
             seen.clear()
             raise StopForward
 
+    def call(spec, value):
+        """``on_value`` on a ``[batch, tokens, width]`` view of a site some architectures see with the tokens
+        flattened (OPT's MLP runs on ``[batch · tokens, width]``); a replacement goes back in that shape."""
+        if value.dim() == 2 and len(grid) == 2 and value.shape[0] == grid[0] * grid[1] and grid[1] > 1:
+            new = on_value(spec, value.view(grid[0], grid[1], value.shape[1]))
+            return None if new is None else new.reshape(value.shape)
+        return on_value(spec, value)
+
     def out_hook(spec, site):
         def hook(module, args, output):
-            new = on_value(spec, pick(output, site))
+            new = call(spec, pick(output, site))
             output = output if new is None else replace(output, site, new)
             after(spec)
             return output
@@ -61,12 +70,19 @@ def tap(model: nn.Module, sites: list[str], on_value: Callable, stop_early: bool
 
     def in_hook(spec):
         def hook(module, args):
-            new = on_value(spec, args[0])
+            new = call(spec, args[0])
             after(spec)
             return None if new is None else (new, *args[1:])
         return hook
 
+    def grid_hook(module, args, kwargs):
+        ids = kwargs.get("input_ids", args[0] if args else None)
+        ids = kwargs.get("inputs_embeds") if ids is None else ids
+        grid[:] = list(ids.shape[:2]) if isinstance(ids, torch.Tensor) and ids.dim() >= 2 else []
+
     try:
+        if isinstance(model, nn.Module) and not is_view(model):
+            handles.append(model.register_forward_pre_hook(grid_hook, with_kwargs=True))
         for spec in sites:
             site = Site.parse(spec)
             module = model.get_submodule(site.module)

@@ -6,7 +6,9 @@ writing the tensor it names, is :mod:`lineas_fast.site_address`; widths are :fun
 Per-architecture knowledge is data (:data:`FAMILIES`), not code: which block children are norms,
 which are Gemma-style post-norms, where the MLP / attention outputs and the MLP hidden neurons are,
 which Linear layers consume each norm (needed to fold an RMSNorm shift into biases), and which config
-flags give those Linear layers a bias in a stock checkpoint (needed by ``bake``).
+flags give those Linear layers a bias in a stock checkpoint (needed by ``bake``). An architecture without
+data still gets every preset but ``post_norms``, read off its first block's layers (the norms by class
+name, the MLP's down projection and the attention's output projection by their widths).
 """
 
 from __future__ import annotations
@@ -110,13 +112,62 @@ def _generic_norms(block: nn.Module) -> tuple[str, ...]:
     return tuple(n for n, m in block.named_children() if "norm" in type(m).__name__.lower())
 
 
+def _linear_shape(m: nn.Module) -> tuple[int, int] | None:
+    """``(in, out)`` features of a Linear layer or a GPT-2-style ``Conv1D`` (weight ``[in, out]``), else None."""
+    if isinstance(m, nn.Linear):
+        return m.in_features, m.out_features
+    if type(m).__name__ == "Conv1D" and getattr(m, "weight", None) is not None and m.weight.dim() == 2:
+        return tuple(m.weight.shape)
+    return None
+
+
+def _generic_relative(model: nn.Module, preset: str, mtype: str) -> tuple[str, ...]:
+    """A preset's place in a decoder block of an architecture without :data:`FAMILIES` data, read off the
+    first block's Linear layers — so that the default sites work on any decoder LM that names its parts
+    differently (``dense_4h_to_h``, ``fc2``, ``out_proj``, ``dense``):
+
+    * ``mlp_hidden``: the input of the one Linear outside the attention that writes the hidden width from
+      another width (the MLP's down projection); ``mlp_out``: that Linear's output;
+    * ``attn_out``: the output of the attention's last Linear that writes the hidden width (its output
+      projection, registered after the query/key/value ones in every Hugging Face attention).
+
+    "Attention" is any submodule whose name contains ``attn`` or ``attention``. Raises :class:`SiteError`
+    when the block does not show exactly one such layer (e.g. a mixture of experts), naming what it saw.
+    """
+    if preset == "post_norms":
+        raise SiteError(f"sites='post_norms': no preset data for model_type {mtype!r} (Gemma-style post-norms)")
+    cfg = getattr(model, "config", None)
+    hidden = getattr(cfg, "hidden_size", None)
+    if not isinstance(hidden, int):
+        emb = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+        hidden = getattr(emb, "embedding_dim", None)
+    block = decoder_blocks(model)[1][0]
+    shapes = [(n, sh) for n, m in block.named_modules() if (sh := _linear_shape(m)) is not None]
+
+    def in_attention(name: str) -> bool:
+        return any(w in part.lower() for part in name.split(".")[:-1] for w in ("attn", "attention"))
+
+    if preset in ("mlp_hidden", "mlp_out"):
+        down = [n for n, (i, o) in shapes if o == hidden and i != hidden and not in_attention(n)]
+        if len(down) == 1:
+            return (f"{down[0]}:in" if preset == "mlp_hidden" else down[0],)
+        what = f"Linear layers outside the attention writing width {hidden} from another width: {down or 'none'}"
+    else:
+        proj = [n for n, (i, o) in shapes if o == hidden and in_attention(n)]
+        if proj:
+            return (proj[-1],)
+        what = f"no Linear layer inside an attention module writes width {hidden}"
+    raise SiteError(f"sites={preset!r}: no preset data for model_type {mtype!r}, and its blocks do not show "
+                    f"one place for it ({what}); pass module names or a regex")
+
+
 def _preset_relative(model: nn.Module, preset: str) -> tuple[str, ...]:
     fam = family(model)
     mtype = getattr(getattr(model, "config", None), "model_type", "?")
     if preset == "norms":
         return fam.norms if fam else _generic_norms(decoder_blocks(model)[1][0])
     if fam is None:
-        raise SiteError(f"sites={preset!r}: no preset data for model_type {mtype!r}; pass module names or a regex")
+        return _generic_relative(model, preset, mtype)
     if preset == "post_norms":
         if not fam.post_norms:
             raise SiteError(f"sites='post_norms': model_type {mtype!r} has no post-norms (Gemma-style)")

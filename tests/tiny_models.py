@@ -5,6 +5,8 @@ from __future__ import annotations
 import torch
 
 ARCHS = ["gpt2", "llama", "mistral", "qwen2", "qwen3", "gemma2", "gemma3", "phi3"]
+# architectures without preset data in lineas_fast.sites.FAMILIES: presets are read off their layers
+UNLISTED_ARCHS = ["gpt_neox", "opt", "phi", "falcon"]
 
 COMMON = dict(vocab_size=128, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
               num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
@@ -31,6 +33,18 @@ def tiny_config(arch: str):
         return T.Gemma3TextConfig(**COMMON, head_dim=8, query_pre_attn_scalar=8, sliding_window=16)
     if arch == "phi3":
         return T.Phi3Config(**COMMON)
+    ids = dict(pad_token_id=0, bos_token_id=1, eos_token_id=2)
+    if arch == "gpt_neox":  # Pythia: mlp.dense_4h_to_h, attention.dense
+        return T.GPTNeoXConfig(vocab_size=128, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                               num_attention_heads=4, max_position_embeddings=128, **ids)
+    if arch == "opt":  # fc1/fc2 directly in the block, run on [batch · tokens, width]
+        return T.OPTConfig(vocab_size=128, hidden_size=32, ffn_dim=64, num_hidden_layers=2, num_attention_heads=4,
+                           max_position_embeddings=128, word_embed_proj_dim=32, **ids)
+    if arch == "phi":  # mlp.fc2, self_attn.dense
+        return T.PhiConfig(vocab_size=128, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                           num_attention_heads=4, max_position_embeddings=128, **ids)
+    if arch == "falcon":  # mlp.dense_4h_to_h, self_attention.dense
+        return T.FalconConfig(vocab_size=128, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, **ids)
     raise KeyError(arch)
 
 
