@@ -30,6 +30,32 @@ def test_matched_strength_brackets_and_never_exceeds_the_target():
     assert lam <= exact
 
 
+def test_matched_strength_lands_in_one_measurement_when_log_ppl_is_quadratic():
+    # the parabola through the bracket and its neighbour is exact here; a straight line (the secant) would
+    # guess too low and need a second measurement
+    def ppl_at(lam):
+        return 70 * math.exp(0.2 * lam + 2 * lam * lam)
+
+    known = [(lam, ppl_at(lam)) for lam in (0.0, 0.25, 0.5, 0.75, 1.0)]
+    target = 70 * 1.096
+    lam, ppl, tried = matched_strength(ppl_at, target, known)
+    assert len(tried) == 1
+    assert 0.99 * target <= ppl <= target
+    assert matched._secant(known[0], known[1], target) < lam  # the linear guess is lower
+
+
+def test_matched_strength_falls_back_to_the_secant_without_a_third_point():
+    calls = []
+
+    def ppl_at(lam):
+        calls.append(lam)
+        return 70 * math.exp(lam)
+
+    lam, ppl, tried = matched_strength(ppl_at, 70 * math.exp(0.5), [(0.0, 70.0), (1.0, 70 * math.e)])
+    assert calls[0] == pytest.approx(0.5 - 0.0025, abs=1e-3)  # linear in log-PPL: exact, a quarter-band low
+    assert len(tried) == 1 and ppl <= 70 * math.exp(0.5)
+
+
 def test_matched_strength_without_a_bracket_takes_the_largest_known_strength():
     lam, ppl, tried = matched_strength(lambda x: 1 / 0, 100.0, [(0.0, 70.0), (0.5, 80.0), (1.0, 90.0)])
     assert (lam, ppl, tried) == (1.0, 90.0, [])
@@ -43,7 +69,7 @@ def test_side_by_side_on_a_tiny_model(tok, monkeypatch):
     steerings = {"lead": random_steering(model, sites, seed=1, spread=0.5),
                  "base": random_steering(model, sites, seed=2, spread=0.5)}
     counts = {"ppl": 0, "gen": 0, "fluency": 0}
-    real, real_gen, real_flu = matched.perplexity, matched.continuations, matched.fluency
+    real, real_gen, real_flu = matched.perplexity, matched.continuations, matched.fluencies
 
     def counted(*a, **k):
         counts["ppl"] += 1
@@ -59,7 +85,7 @@ def test_side_by_side_on_a_tiny_model(tok, monkeypatch):
 
     monkeypatch.setattr(matched, "perplexity", counted)
     monkeypatch.setattr(matched, "continuations", counted_gen)
-    monkeypatch.setattr(matched, "fluency", counted_flu)
+    monkeypatch.setattr(matched, "fluencies", counted_flu)
     prompts = ["you are a bad", "i hate this", "what a stupid", "go away now"]
     passages = ["the river flows to the sea and the city grew around it", "a history of the city"]
     res = side_by_side(model, tok, steerings, lead="lead", strengths=(0.5, 1.0), prompts=prompts,
@@ -77,11 +103,14 @@ def test_side_by_side_on_a_tiny_model(tok, monkeypatch):
         assert lo <= hi and len(row["toxic"]) == row["prompts"]
     assert len(res["matched"]["base"]["vs_lead_ci"]) == 3
     # generations: unsteered and lead λ=1 on all prompts (their curve points reuse the first 2), the other
-    # 3 curve points, the matched point; a fluency pass only for the 2 steered table rows (the unsteered
-    # row's comes from its own greedy logits)
-    assert counts["gen"] == 2 + 3 + 1 and counts["fluency"] == 2
+    # 3 curve points, the matched point; one fluency pass, for the 2 steered table rows together (the
+    # unsteered row's comes from its own greedy logits)
+    assert counts["gen"] == 2 + 3 + 1 and counts["fluency"] == 1
     assert res["unsteered"]["fluency"] == pytest.approx(
-        real_flu(model, tok, prompts, [list(map(int, t)) for t in _ids(model, tok, prompts)]), rel=1e-4)
+        lf.evaluate.fluency(model, tok, prompts, [list(map(int, t)) for t in _ids(model, tok, prompts)]), rel=1e-4)
+    for row in (res["lead"], res["matched"]["base"]):  # what a pass of their own would measure
+        assert row["fluency"] == pytest.approx(lf.evaluate.fluency(model, tok, prompts, _ids_steered(
+            model, tok, prompts, steerings[row["label"]], row["strength"])), rel=1e-5)
     assert res["curves"]["lead"][-1]["texts"] == res["lead"]["texts"][:2]
     assert res["curve_unsteered"]["texts"] == res["unsteered"]["texts"][:2]
     assert all(p["fluency"] is None for c in res["curves"].values() for p in c)
@@ -136,6 +165,30 @@ def test_a_baseline_curve_gets_its_matched_strength_as_a_free_point(tok, monkeyp
 
 def _ids(model, tok, prompts):
     return lf.evaluate.continuations(model, tok, prompts, max_new_tokens=4)[1]
+
+
+def _ids_steered(model, tok, prompts, st, lam):
+    with lf.steered(model, st, strength=lam, mode="hooks"):
+        return _ids(model, tok, prompts)
+
+
+@pytest.mark.parametrize("kind", ["llama", "gpt2"])
+def test_fluencies_of_several_sets_equal_one_pass_each(tok, kind):
+    """:func:`fluencies` runs the prompts once for several continuation sets: each set's value is what
+    :func:`fluency` gives it alone — with one-token prompts (no cache), empty continuations and prompts of
+    different lengths in one batch — and sets of the wrong length are refused."""
+    model = make_model(kind)
+    prompts = ["the river flows to the sea and on", "a", "the album was released in may", "nobody", "b"]
+    sets = [[[5, 6, 7], [8], [], [9, 10], [11, 12, 13, 14]],
+            [[], [3, 4], [5], [6, 7, 8], [9]],
+            [[20, 21], [22], [23, 24, 25], [], [26]]]
+    both = lf.evaluate.fluencies(model, tok, prompts, sets, batch_size=3)
+    alone = [lf.evaluate.metrics.fluency(model, tok, prompts, c, batch_size=3) for c in sets]
+    assert both == pytest.approx(alone, rel=1e-5) and len(set(both)) == 3
+    ones = lf.evaluate.fluencies(model, tok, ["a", "b"], [[[5, 6], [7]]])  # one-token prompts: no cache
+    assert ones[0] == pytest.approx(lf.evaluate.fluency(model, tok, ["a", "b"], [[5, 6], [7]]), rel=1e-5)
+    with pytest.raises(ValueError, match="one row per prompt"):
+        lf.evaluate.fluencies(model, tok, prompts, [sets[0][:2]])
 
 
 @pytest.mark.parametrize("kind", ["llama", "gpt2"])

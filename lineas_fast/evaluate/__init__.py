@@ -6,10 +6,10 @@
 """
 
 from .compare import DEFAULT_METHODS, MULTIPLIERS, STRENGTHS, best_at_budget, compare
-from .metrics import (continuations, evaluate_model, evaluate_steering, fluency, fluency_of, is_degenerate,
-                      paired_bootstrap, perplexity, summary_row, toxicity)
+from .metrics import (continuations, evaluate_model, evaluate_steering, fluencies, fluency, fluency_of,
+                      is_degenerate, paired_bootstrap, perplexity, summary_row, toxicity)
 from .write import write_comparison
 
 __all__ = ["DEFAULT_METHODS", "MULTIPLIERS", "STRENGTHS", "best_at_budget", "compare", "continuations",
-           "evaluate_model", "evaluate_steering", "fluency", "fluency_of", "is_degenerate", "paired_bootstrap",
-           "perplexity", "summary_row", "toxicity", "write_comparison"]
+           "evaluate_model", "evaluate_steering", "fluencies", "fluency", "fluency_of", "is_degenerate",
+           "paired_bootstrap", "perplexity", "summary_row", "toxicity", "write_comparison"]

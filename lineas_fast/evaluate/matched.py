@@ -3,9 +3,10 @@ baseline costs the same passage perplexity as the method it is compared with (SP
 compared at matched utility").
 
 :func:`side_by_side` evaluates every steering over a strength grid (the curves), then, for each baseline,
-searches the strength whose passage PPL matches the lead's at its operating strength — secant steps on
-log-PPL between the curve points that bracket it, measuring PPL alone — and evaluates the baseline fully
-there. Every point carries its toxic-rate CI (paired bootstrap against the unsteered run on the same
+searches the strength whose passage PPL matches the lead's at its operating strength — interpolation steps
+on log-PPL between the curve points that bracket it (a parabola through the bracket and its nearest
+neighbour, since PPL grows faster than linearly in λ; a straight line where that fails), measuring PPL
+alone — and evaluates the baseline fully there. Every point carries its toxic-rate CI (paired bootstrap against the unsteered run on the same
 prompts); the matched rows also carry the paired CI of their difference from the lead.
 
 Cost. A protocol point is two measurements: passage PPL (all passages) and the toxicity of greedy
@@ -14,7 +15,8 @@ once and shared by the curve, the search and the table. The curves may score few
 (``curve_prompts``, the first N of ``prompts``) than the table rows, which always score all of them; a
 curve point whose ``(steering, λ)`` was already generated for all prompts reuses its first N continuations,
 and curve points skip the fluency score (the plot does not show it). So each baseline's curve also gets its
-matched strength as a point, free: its continuations and PPL are measured for the table anyway.
+matched strength as a point, free: its continuations and PPL are measured for the table anyway. The table
+rows' fluencies are measured last, together, so that their prompts run once (:func:`.metrics.fluencies`).
 """
 
 from __future__ import annotations
@@ -26,7 +28,7 @@ from typing import Callable
 
 import numpy as np
 
-from .metrics import continuations, fluency, fluency_of, is_degenerate, paired_bootstrap, perplexity, toxicity
+from .metrics import continuations, fluencies, fluency_of, is_degenerate, paired_bootstrap, perplexity, toxicity
 
 
 def _secant(lo: tuple[float, float], hi: tuple[float, float], target: float) -> float:
@@ -39,9 +41,35 @@ def _secant(lo: tuple[float, float], hi: tuple[float, float], target: float) -> 
     return l0 + w * (l1 - l0)
 
 
+def _next_strength(points: list[tuple[float, float]], lo: tuple[float, float], hi: tuple[float, float],
+                   target: float) -> float:
+    """The next strength to measure inside the bracket ``lo < λ < hi``: where the parabola in log-PPL
+    through ``lo``, ``hi`` and the measured point nearest outside the bracket reaches ``target``.
+
+    A baseline's PPL grows faster than linearly in λ (a shift's cost is about quadratic near λ = 0), so a
+    straight line between the bracket's ends guesses too low and costs another measurement; the parabola
+    lands close in one. Falls back to :func:`_secant` when the parabola has no root well inside the
+    bracket (or the values are not finite)."""
+    outside = [p for p in points if p[0] < lo[0] or p[0] > hi[0]]
+    lin = _secant(lo, hi, target)
+    if not outside:
+        return lin
+    third = min(outside, key=lambda p: min(abs(p[0] - lo[0]), abs(p[0] - hi[0])))
+    xs, ys = zip(*(lo, hi, third))
+    ys = [math.log(y) if y > 0 else float("nan") for y in ys]
+    if not all(math.isfinite(y) for y in ys):
+        return lin
+    coef = np.polyfit(xs, ys, 2)  # exact through the three points
+    coef[-1] -= math.log(target)
+    roots = [r.real for r in np.roots(coef) if abs(r.imag) < 1e-12]
+    span = hi[0] - lo[0]
+    inside = [r for r in roots if lo[0] + 0.05 * span <= r <= hi[0] - 0.05 * span]
+    return inside[0] if len(inside) == 1 else lin
+
+
 def matched_strength(ppl_at: Callable[[float], float], target: float, known: list[tuple[float, float]],
                      iters: int = 3, rel_tol: float = 0.01) -> tuple[float, float, list[tuple[float, float]]]:
-    """The largest strength whose PPL does not exceed ``target`` (within ``iters`` secant steps).
+    """The largest strength whose PPL does not exceed ``target`` (within ``iters`` interpolation steps).
 
     Args:
         ppl_at: passage PPL of the steered model at a strength (called ``iters`` times at most).
@@ -58,7 +86,9 @@ def matched_strength(ppl_at: Callable[[float], float], target: float, known: lis
     for _ in range(iters if above is not None else 0):
         if below[1] >= target * (1 - rel_tol):
             break
-        lam = _secant(below, above, target)
+        # aim a quarter into the accepted band [target·(1 − rel_tol), target]: a guess that lands a little
+        # above where it aimed is still at or below the target
+        lam = _next_strength(pts + tried, below, above, target * (1 - rel_tol / 4))
         ppl = float(ppl_at(lam))
         tried.append((lam, ppl))
         if ppl <= target:
@@ -105,12 +135,11 @@ class _Meter:
                 self.gens[key]["fluency"] = fluency_of(nll[0])
         return self.gens[key]
 
-    def point(self, label, lam, n: int, base: dict | None, with_fluency: bool = True) -> dict:
-        """A summary row: toxicity on the first ``n`` prompts, PPL on every passage, CIs against ``base``;
-        fluency (PPL of the continuations under the unsteered model) unless ``with_fluency`` is False."""
+    def point(self, label, lam, n: int, base: dict | None) -> dict:
+        """A summary row: toxicity on the first ``n`` prompts, PPL on every passage, CIs against ``base``.
+        Its fluency is the unsteered run's own (from its greedy logits), or None until :meth:`add_fluency`
+        measures it: curve points skip it (the plot shows toxic rate vs PPL)."""
         g = self.texts(label, lam, n)
-        if with_fluency and "fluency" not in g:
-            g["fluency"] = fluency(self.model, self.tok, self.prompts[:n], g["ids"])  # outside any steering
         toxic = (g["probs"] > 0.5).astype(float)
         degenerate = np.array([is_degenerate(t, i) for t, i in zip(g["texts"], g["ids"])], dtype=float)
         row = {"name": label or "unsteered", "label": label or "unsteered", "strength": float(lam), "prompts": n,
@@ -124,6 +153,21 @@ class _Meter:
         self.log(f"{row['label']} λ={lam:g} ({n} prompts): toxic rate {row['toxic_rate']:.3f}, PPL {row['ppl']:.2f}, "
                  f"degenerate {row['degenerate_rate']:.3f}")
         return row
+
+    def add_fluency(self, rows: list[tuple]) -> None:
+        """Fill in the fluency of ``(label, λ, row)`` table rows — the PPL of their continuations under the
+        unsteered model — in one pass over their (shared) prompts for all of them (:func:`fluencies`)."""
+        n = {row["prompts"] for _, _, row in rows}
+        if len(n) != 1:
+            raise ValueError(f"table rows score the same prompts; got {sorted(n)} of them")
+        n = n.pop()
+        gens = [self.texts(label, lam, n) for label, lam, _ in rows]
+        todo = list({id(g): g for g in gens if "fluency" not in g}.values())
+        if todo:  # outside any steering
+            for g, value in zip(todo, fluencies(self.model, self.tok, self.prompts[:n], [g["ids"] for g in todo])):
+                g["fluency"] = value
+        for g, (_, _, row) in zip(gens, rows):
+            row["fluency"] = g["fluency"]
 
 
 def side_by_side(model, tok, steerings: dict, *, lead: str, strengths=(0.25, 0.5, 0.75, 1.0),
@@ -149,11 +193,9 @@ def side_by_side(model, tok, steerings: dict, *, lead: str, strengths=(0.25, 0.5
     meter = _Meter(model, tok, steerings, steer, prompts, passages, max_new_tokens, progress, log)
     base = meter.point(None, 0.0, n_all, None)
     lead_pt = meter.point(lead, lead_strength, n_all, base)  # first: its curve point reuses these continuations
-    curve_base = base if n_curve == n_all else meter.point(None, 0.0, n_curve, None, with_fluency=False)
+    curve_base = base if n_curve == n_all else meter.point(None, 0.0, n_curve, None)
     grid = sorted({float(s) for s in strengths})
-    # curve points skip fluency (the plot shows toxic rate vs PPL); table rows carry it
-    curves = {label: [meter.point(label, lam, n_curve, curve_base, with_fluency=False) for lam in grid]
-              for label in steerings}
+    curves = {label: [meter.point(label, lam, n_curve, curve_base) for lam in grid] for label in steerings}
     matched, searches = {}, {}
     for label in steerings:
         if label == lead:
@@ -167,7 +209,9 @@ def side_by_side(model, tok, steerings: dict, *, lead: str, strengths=(0.25, 0.5
         matched[label] = pt
         if lam not in grid and lam > 0:  # the matched run's first prompts: a curve point at no cost, where the
             # grid has none (a baseline's λ = 0.25 may already cost more PPL than the lead's λ = 1)
-            curves[label] = sorted(curves[label] + [meter.point(label, lam, n_curve, curve_base, with_fluency=False)],
+            curves[label] = sorted(curves[label] + [meter.point(label, lam, n_curve, curve_base)],
                                    key=lambda p: p["strength"])
+    # the table rows' fluency, last: one pass over the prompts for all of them
+    meter.add_fluency([(lead, lead_strength, lead_pt)] + [(label, pt["strength"], pt) for label, pt in matched.items()])
     return {"unsteered": base, "curve_unsteered": curve_base, "curves": curves, "matched": matched, "lead": lead_pt,
             "searches": searches, "seconds": time.perf_counter() - t0}
