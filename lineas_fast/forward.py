@@ -167,9 +167,30 @@ def prompt_budget(model: nn.Module, tok, texts: list[str], max_length: int | Non
     return warn_cut(model, lengths, max_length, f"prompts in {what}")
 
 
+def pad_id(tok) -> int:
+    """The id padding uses: the tokenizer's pad token, else its EOS (what Hugging Face generation falls back
+    to), else its unknown token, else 0. Padded positions are masked out, so any valid id serves."""
+    return next((t for t in (tok.pad_token_id, tok.eos_token_id, tok.unk_token_id) if t is not None), 0)
+
+
+@contextmanager
+def padding_token(tok):
+    """``tok`` with a pad token (:func:`pad_id`'s) inside the block when it has none — GPT-2's, Pythia's and
+    many Llama tokenizers ship without one, and padding a batch would raise — put back to None on exit."""
+    if tok.pad_token_id is not None:
+        yield tok
+        return
+    tok.pad_token = tok.convert_ids_to_tokens(pad_id(tok))
+    try:
+        yield tok
+    finally:
+        tok.pad_token = None
+
+
 def encode(tok, texts: list[str], max_length: int | None, device) -> tuple[torch.Tensor, torch.Tensor]:
-    batch = tok(texts, return_tensors="pt", padding=True, truncation=max_length is not None,
-                max_length=max_length)
+    with padding_token(tok):
+        batch = tok(texts, return_tensors="pt", padding=True, truncation=max_length is not None,
+                    max_length=max_length)
     return batch["input_ids"].to(device), batch["attention_mask"].to(device)
 
 

@@ -1,6 +1,7 @@
-"""Architectures without preset data (``lineas_fast.sites.FAMILIES``): the presets are read off their first
-block's layers, and the library defaults fit, steer (hooks, fused, fold), route and restore on them — the
-defaults must work on a model nobody tuned them for (Pythia, OPT, Phi, Falcon name their parts otherwise)."""
+"""Models the defaults were not written for. Architectures without preset data (``lineas_fast.sites.FAMILIES``):
+the presets are read off their first block's layers, and the library defaults fit, steer (hooks, fused, fold),
+route and restore on them (Pythia, OPT, Phi, Falcon name their parts otherwise). Tokenizers without a pad
+token (GPT-2's, Pythia's, many Llama ones): fitting and evaluating pad with EOS and leave the tokenizer as it was."""
 
 import pytest
 import torch
@@ -93,3 +94,33 @@ def test_an_ambiguous_block_is_refused_naming_what_it_saw():
         layer.mlp.extra_out = nn.Linear(64, 32)
     with pytest.raises(SiteError, match=r"mlp_hidden.*gpt_neox.*dense_4h_to_h.*extra_out"):
         lf.resolve_sites(model, "mlp_hidden")
+
+
+def test_a_tokenizer_without_a_pad_token(tok):
+    """Every padded path works without a pad token, gives what it gives with one (padding is masked), and
+    leaves the tokenizer without one."""
+    from conftest import make_tokenizer
+
+    bare = make_tokenizer("right")
+    bare.pad_token = None
+    model = make_model("gpt2")
+    conts = [[5, 6], [7], [8, 9]]
+    runs = {}
+    for name, t in (("pad", tok), ("bare", bare)):
+        runs[name] = {
+            "collect": lf.collect(model, t, SRC, sites="mlp_hidden", pooling="mean", progress=False),
+            "fit": lf.fit(model, t, SRC, TGT, steps=2, progress=False),
+            "mean_act": lf.fit(model, t, SRC, TGT, method="mean_act", progress=False),
+            "gen": lf.evaluate.continuations(model, t, SRC, max_new_tokens=3)[1],
+            "ppl": lf.evaluate.perplexity(model, t, TGT),
+            "fluency": lf.evaluate.fluency(model, t, SRC, conts),
+        }
+    assert bare.pad_token is None and bare.pad_token_id is None
+    a, b = runs["pad"], runs["bare"]
+    for site in a["collect"]:
+        torch.testing.assert_close(a["collect"][site], b["collect"][site], atol=1e-5, rtol=1e-5)
+    for key in ("fit", "mean_act"):
+        for site in a[key].sites:
+            torch.testing.assert_close(a[key].shift[site], b[key].shift[site], atol=1e-5, rtol=1e-4)
+    assert a["gen"] == b["gen"]
+    assert a["ppl"] == pytest.approx(b["ppl"], rel=1e-5) and a["fluency"] == pytest.approx(b["fluency"], rel=1e-5)

@@ -28,7 +28,7 @@ import torch
 from tqdm.auto import tqdm
 
 from ..collect import model_device
-from ..forward import warn_cut
+from ..forward import pad_id, padding_token, warn_cut
 
 _WORD = re.compile(r"[A-Za-z]+")
 
@@ -81,13 +81,14 @@ def continuations(model, tok, prompts: list[str], max_new_tokens: int = 20, batc
     side = tok.padding_side
     tok.padding_side = "left"
     try:  # the tokenizer is used by this thread only: its padding state is not shared with the streams
-        batches = [tok([prompts[j] for j in rows], return_tensors="pt", padding=True, truncation=limit is not None,
-                       max_length=limit).to(device) for rows in chunks]
+        with padding_token(tok):
+            batches = [tok([prompts[j] for j in rows], return_tensors="pt", padding=True,
+                           truncation=limit is not None, max_length=limit).to(device) for rows in chunks]
     finally:
         tok.padding_side = side
 
     def generate(batch) -> tuple[list, list | None]:
-        out = model.generate(**batch, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=tok.pad_token_id,
+        out = model.generate(**batch, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=pad_id(tok),
                              output_logits=with_nll, return_dict_in_generate=with_nll)
         seqs = out.sequences if with_nll else out
         new = seqs[:, batch["input_ids"].shape[1]:]
@@ -162,7 +163,7 @@ def perplexity(model, tok, texts: list[str], batch_size: int = 16, max_length: i
     total, count = 0.0, 0
     for i in tqdm(range(0, len(texts), batch_size), desc="perplexity", disable=not progress, leave=False):
         rows = [bos + r[:max_length] for r in encoded[i:i + batch_size]]
-        ids, mask = _pad(rows, tok.pad_token_id, device)
+        ids, mask = _pad(rows, pad_id(tok), device)
         s, n = _nll(model, ids, mask, mask.bool())
         total, count = total + s, count + n
     return math.exp(total / max(count, 1))
@@ -211,7 +212,7 @@ def fluencies(model, tok, prompts: list[str], sets: list[list[list[int]]], batch
     for i in range(0, n, batch_size):
         chunk = order[i:i + batch_size]
         width = max(len(pids[j]) for j in chunk)
-        head = torch.tensor([[tok.pad_token_id] * (width - len(pids[j])) + pids[j] for j in chunk], device=device)
+        head = torch.tensor([[pad_id(tok)] * (width - len(pids[j])) + pids[j] for j in chunk], device=device)
         head_mask = torch.tensor([[0] * (width - len(pids[j])) + [1] * len(pids[j]) for j in chunk], device=device)
         cache = None
         if width > 1:  # every prompt token but the last, once for all sets
@@ -220,7 +221,7 @@ def fluencies(model, tok, prompts: list[str], sets: list[list[list[int]]], batch
             cache = out["cache"] if cache_arg == "cache" else out["past_key_values"]
         for k, conts in enumerate(sets):
             rows = [[int(head[r, -1])] + list(conts[j]) for r, j in enumerate(chunk)]
-            ids, mask = _pad(rows, tok.pad_token_id, device)
+            ids, mask = _pad(rows, pad_id(tok), device)
             full = torch.cat([head_mask[:, :-1], mask], 1)
             pos = (full.cumsum(-1) - 1).clamp(min=0)[:, width - 1:]
             past = copy.deepcopy(cache) if cache is not None and k < len(sets) - 1 else cache

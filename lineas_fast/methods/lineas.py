@@ -19,6 +19,7 @@ from types import SimpleNamespace
 import torch
 
 from ..collect import POOLINGS, collect, encode, model_device, pool, prompt_budget, run_to_sites, tap
+from ..forward import pad_id
 from ..defaults import LINEAS as LINEAS_DEFAULTS
 from ..errors import SteeringError
 from ..sites import resolve_sites, site_widths
@@ -190,10 +191,9 @@ def fit_lineas(model, tok, source, target, *, sites=DEFAULTS["sites"], pooling=D
                                 max_length=max_length, micro_batch=micro_batch)
     else:
         tokens = [list(t) for t in tok(texts, truncation=max_length is not None, max_length=max_length)["input_ids"]]
-        pad = next((t for t in (tok.pad_token_id, tok.eos_token_id) if t is not None), 0)
         per_step = min(batch_size, len(source)) + (min(batch_size, len(target)) if preserve > 0 else 0)
         forward = CompiledForward(model, tokens, site_list, slices, trained.fused, pooling=pooling,
-                                  rows_for=per_step, pad_id=pad, backend=backend)
+                                  rows_for=per_step, pad_id=pad_id(tok), backend=backend)
     with FrozenModel(model), trained:
         omega, shift, history = train_maps(_Bound(forward, trained), n_source=len(source), targets=targets,
                                            slices=slices, recipe=recipe, device=device, source=source_v,
