@@ -295,3 +295,46 @@ def test_the_loss_plot_draws_partial_strength_steps_apart(tmp_path):
         report.loss_curve_png({"loss": [3.0, 2.0], "nnz": [1, 1]}, tmp_path / "b.png")
         assert drawn["lines"] == [("W-loss", 2)]
     assert (tmp_path / "a.png").stat().st_size > 0
+
+
+def _rescaled(model, c: float):
+    """The same function with the MLP hidden neurons ``c`` times larger (up projection ×c, down ×1/c)."""
+    with torch.no_grad():
+        for layer in model.model.layers:
+            layer.mlp.up_proj.weight.mul_(c)
+            layer.mlp.down_proj.weight.div_(c)
+    return model
+
+
+def test_the_fit_does_not_depend_on_the_scale_of_the_neurons(tok, monkeypatch):
+    """A function-preserving rescaling of the MLP hidden neurons (×10 in, ×1/10 out) gives the same fit with
+    the defaults — ω the same, b ×10, the same steered logits — because b is learned in units of the
+    activations' size (``shift_unit``); learned in activation units it would not (the contrast)."""
+    from lineas_fast.methods import trainer
+
+    c, ids = 10.0, tok(["you are a bad", "the river"], return_tensors="pt", padding=True)
+
+    def fits():
+        a, b = make_model("llama"), _rescaled(make_model("llama"), c)
+        sa, sb = (lf.fit(m, tok, SOURCE, TARGET, steps=4, progress=False) for m in (a, b))
+        with torch.no_grad():
+            la, lb = [], []
+            for m, st, out in ((a, sa, la), (b, sb, lb)):
+                with lf.steered(m, st, strength=1.0, mode="hooks"):
+                    out.append(m(**ids).logits[ids["attention_mask"].bool()])
+        return sa, sb, la[0], lb[0]
+
+    sa, sb, la, lb = fits()
+    assert sb.meta["train"]["shift_unit"] == pytest.approx(c * sa.meta["train"]["shift_unit"], rel=1e-4)
+    for site in sa.sites:
+        # Adam's first steps are nearly sign steps: float rounding moves a few entries by ~1e-4
+        torch.testing.assert_close(sb.scale[site], sa.scale[site], atol=2e-3, rtol=0)
+        torch.testing.assert_close(sb.shift[site], c * sa.shift[site], atol=2e-3 * c, rtol=0)
+    same = float((lb - la).abs().max())
+    assert same < 2e-4
+    moved = max(float((sa.shift[s]).abs().max()) for s in sa.sites) / sa.meta["train"]["shift_unit"]
+    assert moved > 1e-2  # b̃ did move (4 steps at lr 1e-2): the comparison is not between identity maps
+
+    monkeypatch.setattr(trainer, "shift_unit", lambda v, ref=None: 1.0)  # b in activation units
+    sa, sb, la, lb = fits()
+    assert float((lb - la).abs().max()) > max(1e-3, 10 * same)  # measured: 8e-3 against 7e-6

@@ -123,7 +123,7 @@ def fit_lineas_pipeline(view, source, target, *, sites=DEFAULTS["sites"], poolin
     with _FrozenComponents(view):
         omega, shift, history = train_maps(forward, n_source=len(source), targets=targets, slices=slices,
                                            recipe=recipe, device=device, progress=progress,
-                                           desc="LinEAS (pipeline)")
+                                           desc="LinEAS (pipeline)", shift_ref=None)
 
     hyper = dict(sites=sites if isinstance(sites, str) else list(sites), pooling=pooling, **recipe.hyperparams(),
                  num_inference_steps=num_inference_steps, size=list(size) if size else None,

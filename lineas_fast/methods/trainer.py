@@ -36,6 +36,13 @@ run at λ = 1 against the target). The strength knob then traces a path from the
 full map instead of being a straight line only at its end. Costs one unsteered pass over the source
 prompts (the caller's, ``source=``), nothing per step.
 
+**The shift's unit.** ω is unitless but b lives in activation units, and Adam moves a parameter by about
+``lr`` per step whatever its scale: learned as is, b would move 10× further, relative to the activations, on a
+model whose neurons are 10× smaller. So b is learned as ``unit · b̃`` (:func:`shift_unit`: the target
+activations' median column std relative to the model the defaults were picked on), and ``lr``, ``l1`` and
+``group_l2`` mean the same on any model: a function-preserving rescaling of the neurons (×c into a site, ×1/c
+out of it) gives the same fit, ω the same and b ×c (tested). On that model the unit is 1.
+
 **Sparsity** (``l1``, ``group_l2``: the sparse group lasso, proximal steps in Adam's metric, :mod:`.prox`)
 chooses which entries move; its shrinkage also pulls the entries it keeps toward the identity. With
 ``refit_steps > 0`` a second phase (the relaxed lasso) refits the chosen support without the penalty — a
@@ -206,9 +213,23 @@ class FrozenModel:
         self.model.train(self.training)
 
 
+SHIFT_UNIT_REF = 0.1556810736656189
+"""The median column std of the target activations where the LLM defaults were picked: SmolLM2-135M-Instruct,
+its MLP hidden neurons, token pooling, the 32 ``nontoxic`` fit prompts (``v.std(0).median()`` in float32)."""
+
+
+def shift_unit(v: torch.Tensor, ref: float | None = SHIFT_UNIT_REF) -> float:
+    """The size b is learned in: the median over columns of ``v``'s std (the unsteered target activations),
+    divided by ``ref``; 1 with ``ref=None`` (b in activation units) or when the median is 0 or not finite."""
+    if ref is None or v.shape[0] < 2:
+        return 1.0
+    m = float(v.float().std(0).median())
+    return m / ref if m > 0 and math.isfinite(m) else 1.0
+
+
 def train_maps(forward, *, n_source: int, targets: Targets, slices: dict, recipe: Recipe, device,
-               source: torch.Tensor | None = None, progress: bool = True,
-               desc: str = "LinEAS") -> tuple[torch.Tensor, torch.Tensor, dict]:
+               source: torch.Tensor | None = None, progress: bool = True, desc: str = "LinEAS",
+               shift_ref: float | None = SHIFT_UNIT_REF) -> tuple[torch.Tensor, torch.Tensor, dict]:
     """Run the LinEAS loop; returns the trained flat ``(omega, shift)`` and the training history.
 
     Args:
@@ -218,6 +239,8 @@ def train_maps(forward, *, n_source: int, targets: Targets, slices: dict, recipe
         slices: ``{site: slice}`` of each site's columns in the flat vectors, in ``z``'s column order.
         source: unsteered source activations ``[rows, Σd]`` (pooled like the forward pools); needed when
             ``recipe.partial > 0`` (the λ = 0 end of the interpolated targets).
+        shift_ref: the reference of :func:`shift_unit`; None learns b in activation units (the pipelines'
+            fits, whose defaults were picked that way).
     """
     recipe.validate()
     if recipe.partial > 0 and source is None:
@@ -234,8 +257,9 @@ def train_maps(forward, *, n_source: int, targets: Targets, slices: dict, recipe
         k = max(s_sorted.shape[1], vt_sorted.shape[1])
         ends = (quantile_levels(s_sorted, k), quantile_levels(vt_sorted, k))
     gen = torch.Generator().manual_seed(recipe.seed)
+    unit = shift_unit(v, shift_ref)
     omega = torch.ones(width, device=device, requires_grad=True)
-    shift = torch.zeros(width, device=device, requires_grad=True)
+    shift = torch.zeros(width, device=device, requires_grad=True)  # b̃: b = unit · b̃
 
     def optimizer() -> torch.optim.Optimizer:
         if recipe.optimizer == "adam":
@@ -265,10 +289,10 @@ def train_maps(forward, *, n_source: int, targets: Targets, slices: dict, recipe
             if recipe.partial > 0 and support is None and float(torch.rand((), generator=gen)) < recipe.partial:
                 lam = float(torch.rand((), generator=gen))
             if lam == 1.0:
-                forward.bind(omega, shift)
+                forward.bind(omega, shift * unit if unit != 1.0 else shift)
                 goal = vt_sorted
             else:  # the maps at strength λ, against the interpolated target (sorted: a mix of sorted rows)
-                forward.bind(1 + lam * (omega - 1), lam * shift)
+                forward.bind(1 + lam * (omega - 1), (lam * unit) * shift)
                 goal = (1 - lam) * ends[0] + lam * ends[1]
             src = batch(n_source)
             tgt = batch(n_target) if recipe.preserve > 0 else []
@@ -333,8 +357,10 @@ def train_maps(forward, *, n_source: int, targets: Targets, slices: dict, recipe
             run(recipe.refit_steps, support, desc + " refit")
     history["steps_run"] = len(history["loss"])
     history["stopped_early"] = (history["refit_from"] or history["steps_run"]) < recipe.steps
-    warn_if_inert(omega.detach(), shift.detach(), groups, recipe)
-    return omega.detach(), shift.detach(), history
+    history["shift_unit"] = unit
+    b = shift.detach() * unit if unit != 1.0 else shift.detach()
+    warn_if_inert(omega.detach(), b, groups, recipe)
+    return omega.detach(), b, history
 
 
 INERT_SITES = 0.95  # warn when sparsity switched off more than this fraction of the sites
