@@ -6,6 +6,7 @@ import pytest
 
 import lineas_fast as lf
 from conftest import make_model, random_steering
+from tiny_models import ARCHS, UNLISTED_ARCHS
 from lineas_fast.evaluate import matched
 from lineas_fast.evaluate.matched import matched_strength, side_by_side
 
@@ -256,3 +257,25 @@ def test_perplexity_and_fluency_equal_an_unbatched_float64_reference(tok, kind):
         total, count = total + s, count + n
     assert lf.evaluate.fluency(model, tok, prompts, conts, batch_size=2) == pytest.approx(
         math.exp(total / count), rel=1e-5)
+
+
+@pytest.mark.parametrize("kind", ARCHS + UNLISTED_ARCHS)
+def test_fluency_with_a_prompt_cache_equals_a_full_pass_on_every_architecture(tok, kind):
+    """The cached scoring (prompt once, continuations on a copy of its cache; left-padded prompts) gives what
+    one padded forward over prompt + continuation gives, on every tiny architecture (sliding-window and
+    flattened-token ones included)."""
+    from lineas_fast.evaluate.metrics import _nll, _pad
+
+    model = make_model(kind)
+    prompts = ["the river flows to the sea and on", "a", "the album was released in may", "nobody", "b c"]
+    conts = [[5, 6, 7], [8], [], [9, 10], [11, 12, 13, 14]]
+    rows, scored = [], []
+    for p, c in zip(prompts, conts):
+        pid = tok(p)["input_ids"]
+        rows.append(pid + c)
+        scored.append([False] * len(pid) + [True] * len(c))
+    ids, mask = _pad(rows, 0, "cpu")
+    sc, _ = _pad(scored, False, "cpu")
+    total, count = _nll(model, ids, mask, sc.bool())
+    assert lf.evaluate.fluencies(model, tok, prompts, [conts, conts], batch_size=3) == pytest.approx(
+        [math.exp(total / count)] * 2, rel=1e-5)
