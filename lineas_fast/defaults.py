@@ -6,7 +6,8 @@
   decay, and a preservation term: ``preserve`` = μ weighs, against the transport term, how far the maps
   move each token of the target prompts from its own unsteered value (``preserve_loss="paired"``), which
   is what keeps perplexity on ordinary text low. 80 steps of 6 + 6 prompts at lr 1e-2 (closer to the
-  loss optimum than 40 steps of 12 + 12 at the same cost) fit in about 3 minutes on 2 CPU cores.
+  loss optimum than 40 steps of 12 + 12 at the same cost) fit in 2–3 minutes on 2 CPU cores (106–124 s on
+  2 AVX-512 cores, about 170 s on an AVX-only pair).
 * :data:`METHOD_NAMES` — the fitting methods of :func:`lineas_fast.fit` (``lineas_fast.methods.METHODS``
   holds the functions; a test keeps the two equal).
 * :data:`DEFAULT_MODEL`, :data:`DEMO_QUICK` — the demo's model and its ``--quick`` smoke settings.
