@@ -181,9 +181,9 @@ def is_preset(sites) -> bool:
 
 
 def preset_sites(model: nn.Module, preset: str) -> list[str]:
-    """A preset's site strings for every decoder block, from the family data alone: no module lookup, no
-    probe forward. For models that keep Hugging Face's module names but cannot run a plain forward (a
-    serving engine's model); :func:`resolve_sites` is this plus the checks."""
+    """A preset's site strings for every decoder block, from the family data (for an architecture without
+    data, from its first block's layers): no probe forward. For models that keep Hugging Face's module names
+    but cannot run a plain forward (a serving engine's model); :func:`resolve_sites` is this plus the checks."""
     prefix, blocks = decoder_blocks(model)
     rel = [r for p in preset.split("+") for r in _preset_relative(model, p)]
     return [f"{prefix}.{i}.{r}" for i in range(len(blocks)) for r in rel]
