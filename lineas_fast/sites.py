@@ -112,13 +112,14 @@ def _generic_norms(block: nn.Module) -> tuple[str, ...]:
     return tuple(n for n, m in block.named_children() if "norm" in type(m).__name__.lower())
 
 
+_ANY_INPUT, _ANY_OUTPUT = Site.parse("module:in"), Site.parse("module")
+
+
 def _linear_shape(m: nn.Module) -> tuple[int, int] | None:
     """``(in, out)`` features of a Linear layer or a GPT-2-style ``Conv1D`` (weight ``[in, out]``), else None."""
-    if isinstance(m, nn.Linear):
-        return m.in_features, m.out_features
-    if type(m).__name__ == "Conv1D" and getattr(m, "weight", None) is not None and m.weight.dim() == 2:
-        return tuple(m.weight.shape)
-    return None
+    if not (isinstance(m, nn.Linear) or type(m).__name__ == "Conv1D"):
+        return None
+    return static_width(m, _ANY_INPUT), static_width(m, _ANY_OUTPUT)
 
 
 def _generic_relative(model: nn.Module, preset: str, mtype: str) -> tuple[str, ...]:

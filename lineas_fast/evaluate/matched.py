@@ -6,8 +6,9 @@ compared at matched utility").
 searches the strength whose passage PPL matches the lead's at its operating strength — interpolation steps
 on log-PPL between the curve points that bracket it (a parabola through the bracket and its nearest
 neighbour, since PPL grows faster than linearly in λ; a straight line where that fails), measuring PPL
-alone — and evaluates the baseline fully there. Every point carries its toxic-rate CI (paired bootstrap against the unsteered run on the same
-prompts); the matched rows also carry the paired CI of their difference from the lead.
+alone — and evaluates the baseline fully there. Every point carries its toxic-rate CI (paired bootstrap
+against the unsteered run on the same prompts); the matched rows also carry the paired CI of their
+difference from the lead.
 
 Cost. A protocol point is two measurements: passage PPL (all passages) and the toxicity of greedy
 continuations (the prompts). PPL depends only on the strength, so each ``(steering, λ)`` is measured

@@ -141,14 +141,20 @@ def fluency_of(nlls: list[list[float]]) -> float:
 def _nll(model, ids: torch.Tensor, mask: torch.Tensor, scored: torch.Tensor) -> tuple[float, int]:
     """Summed next-token NLL over positions where ``scored`` is true, and their count."""
     pos = (mask.cumsum(-1) - 1).clamp(min=0)
-    logits = model(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=False).logits.float()
+    logits = model(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=False).logits
+    return _next_token_nll(logits, ids, scored & mask.bool())
+
+
+def _next_token_nll(logits: torch.Tensor, ids: torch.Tensor, scored: torch.Tensor) -> tuple[float, int]:
+    """Summed NLL of the tokens of ``ids`` where ``scored`` is true, each predicted by the logits of the
+    position before it, and their count."""
     # Position t predicts token t + 1; the last position and unscored ones get the ignored target (NLL 0).
     # Cross-entropy over the flat [rows · positions, vocab] logits reads each row contiguously — over
     # ``logits.transpose(1, 2)`` it strides across the vocabulary and took as long as the model's forward.
-    keep = torch.zeros_like(mask, dtype=torch.bool)
-    keep[:, :-1] = scored[:, 1:] & mask[:, 1:].bool()
+    keep = torch.zeros_like(scored, dtype=torch.bool)
+    keep[:, :-1] = scored[:, 1:]
     target = torch.where(keep, ids.roll(-1, 1), -100)
-    nll = torch.nn.functional.cross_entropy(logits.flatten(0, 1), target.flatten(), reduction="sum")
+    nll = torch.nn.functional.cross_entropy(logits.float().flatten(0, 1), target.flatten(), reduction="sum")
     return float(nll), int(keep.sum())
 
 
@@ -195,6 +201,9 @@ def fluencies(model, tok, prompts: list[str], sets: list[list[list[int]]], batch
     n = len(prompts)
     if any(len(c) != n for c in sets):
         raise ValueError(f"every continuation set needs one row per prompt ({n})")
+    if not sets:
+        return []
+    pad = pad_id(tok)
     pids, cut = [], 0
     for i, p in enumerate(prompts):
         pid = tok(p)["input_ids"]
@@ -212,7 +221,7 @@ def fluencies(model, tok, prompts: list[str], sets: list[list[list[int]]], batch
     for i in range(0, n, batch_size):
         chunk = order[i:i + batch_size]
         width = max(len(pids[j]) for j in chunk)
-        head = torch.tensor([[pad_id(tok)] * (width - len(pids[j])) + pids[j] for j in chunk], device=device)
+        head = torch.tensor([[pad] * (width - len(pids[j])) + pids[j] for j in chunk], device=device)
         head_mask = torch.tensor([[0] * (width - len(pids[j])) + [1] * len(pids[j]) for j in chunk], device=device)
         cache = None
         if width > 1:  # every prompt token but the last, once for all sets
@@ -221,19 +230,16 @@ def fluencies(model, tok, prompts: list[str], sets: list[list[list[int]]], batch
             cache = out["cache"] if cache_arg == "cache" else out["past_key_values"]
         for k, conts in enumerate(sets):
             rows = [[int(head[r, -1])] + list(conts[j]) for r, j in enumerate(chunk)]
-            ids, mask = _pad(rows, pad_id(tok), device)
+            ids, mask = _pad(rows, pad, device)
             full = torch.cat([head_mask[:, :-1], mask], 1)
             pos = (full.cumsum(-1) - 1).clamp(min=0)[:, width - 1:]
             past = copy.deepcopy(cache) if cache is not None and k < len(sets) - 1 else cache
             logits = model(input_ids=ids, attention_mask=full, position_ids=pos, use_cache=cache is not None,
-                           **{cache_arg: past}).logits.float()
-            # position t predicts token t + 1; the prompt's last token (t = 0) predicts the first new one
-            keep = torch.zeros_like(mask, dtype=torch.bool)
-            keep[:, :-1] = mask[:, 1:].bool()
-            target = torch.where(keep, ids.roll(-1, 1), -100)
-            nll = torch.nn.functional.cross_entropy(logits.flatten(0, 1), target.flatten(), reduction="sum")
-            totals[k][0] += float(nll)
-            totals[k][1] += int(keep.sum())
+                           **{cache_arg: past}).logits
+            # the prompt's last token (position 0) predicts the first new one; its own NLL is not scored
+            nll, count = _next_token_nll(logits, ids, mask.bool())
+            totals[k][0] += nll
+            totals[k][1] += count
     return [math.exp(t / max(c, 1)) for t, c in totals]
 
 
@@ -291,7 +297,7 @@ def evaluate_steering(model, tok, steering, strengths=(1.0,), prompts=None, pass
         with steered(model, steering, strength=lam):
             results[lam] = evaluate_model(model, tok, prompts, passages, None, max_new_tokens, progress)
     missing = [r for r in results.values() if "fluency" not in r]  # one pass over the prompts for all rows
-    for r, value in zip(missing, fluencies(model, tok, prompts, [r["ids"] for r in missing]) if missing else []):
+    for r, value in zip(missing, fluencies(model, tok, prompts, [r["ids"] for r in missing])):
         r["fluency"] = value
     for key, r in results.items():
         if key != "unsteered":

@@ -289,7 +289,7 @@ def train_maps(forward, *, n_source: int, targets: Targets, slices: dict, recipe
             if recipe.partial > 0 and support is None and float(torch.rand((), generator=gen)) < recipe.partial:
                 lam = float(torch.rand((), generator=gen))
             if lam == 1.0:
-                forward.bind(omega, shift * unit if unit != 1.0 else shift)
+                forward.bind(omega, unit * shift)  # × 1.0 is exact: on SmolLM2 the fit is unchanged
                 goal = vt_sorted
             else:  # the maps at strength λ, against the interpolated target (sorted: a mix of sorted rows)
                 forward.bind(1 + lam * (omega - 1), (lam * unit) * shift)
@@ -358,7 +358,7 @@ def train_maps(forward, *, n_source: int, targets: Targets, slices: dict, recipe
     history["steps_run"] = len(history["loss"])
     history["stopped_early"] = (history["refit_from"] or history["steps_run"]) < recipe.steps
     history["shift_unit"] = unit
-    b = shift.detach() * unit if unit != 1.0 else shift.detach()
+    b = unit * shift.detach()
     warn_if_inert(omega.detach(), b, groups, recipe)
     return omega.detach(), b, history
 
