@@ -15,7 +15,7 @@ result was looked at:
   default task's WikiText passage PPL (lines 100–599).
 * **Methods**: LinEAS with the library defaults at λ ∈ {0.5, 1}; Mean-AcT and Linear-AcT (their defaults)
   on a strength grid, plus the strength whose passage PPL matches LinEAS's at λ = 1
-  (:func:`lineas_fast.evaluate.matched.matched_strength`).
+  (:func:`lineas_fast.evaluate.matched.matched_strength`) where the grid brackets it.
 
 The classifier needs spaCy 3.5, whose pins clash with the main venv: it runs in its own venv
 (``make sentiment-venv`` → ``.venv-sentiment``), fed the texts as JSON on stdin.
@@ -94,6 +94,10 @@ def main() -> None:
     if args.render:
         print(render([json.loads(Path(f).read_text(encoding="utf-8")) for f in args.render]))
         return
+    try:
+        config = json.loads(args.config)
+    except json.JSONDecodeError as e:
+        raise SystemExit(f"--config {args.config!r}: not JSON ({e})")
     if not Path(args.scorer_python).exists():
         raise SystemExit(f"{args.scorer_python}: no sentiment venv (make sentiment-venv)")
     if args.threads:
@@ -134,7 +138,6 @@ def main() -> None:
     base = point("unsteered", None, 0.0)
     fits, rows = {}, [base]
     t = time.perf_counter()
-    config = json.loads(args.config)
     fits["LinEAS"] = lf.fit(model, tok, src, tgt, **config)
     fit_seconds = {"LinEAS": time.perf_counter() - t}
     baselines = () if args.no_baselines else (("Mean-AcT", "mean_act"), ("Linear-AcT", "linear_act"))
