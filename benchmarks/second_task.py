@@ -46,6 +46,7 @@ from lineas_fast.evaluate.matched import matched_strength
 
 WORDS = 16
 N_FIT = 32
+NAMES = {"lineas": "LinEAS", "mean_act": "Mean-AcT", "linear_act": "Linear-AcT"}
 SCORER = """
 import json, sys, spacy
 nlp = spacy.load(sys.argv[1])
@@ -145,7 +146,8 @@ def main() -> None:
         t = time.perf_counter()
         fits[label] = lf.fit(model, tok, src, tgt, method=method, progress=False)
         fit_seconds[label] = time.perf_counter() - t
-    lead = {lam: point("LinEAS", fits["LinEAS"], lam, base) for lam in (0.5, 1.0)}
+    name = NAMES.get(config.get("method", "lineas"), config.get("method"))  # --config may pick another method
+    lead = {lam: point(name, fits["LinEAS"], lam, base) for lam in (0.5, 1.0)}
     rows += list(lead.values())
     grid = [float(x) for x in args.grid.split(",")]
     for label, _ in baselines:
@@ -159,7 +161,7 @@ def main() -> None:
         rows += sorted(curve, key=lambda r: r["strength"])
     result = {"task": "IMDB negative → positive (benchmarks/second_task.py)", "model": "smollm2-135m",
               "fit": {"source": f"negative reviews 0–{N_FIT - 1}", "target": f"positive reviews 0–{N_FIT - 1}",
-                      "words": WORDS, "config": config, "seconds": fit_seconds, "nnz": fits["LinEAS"].nnz(),
+                      "words": WORDS, "name": name, "config": config, "seconds": fit_seconds, "nnz": fits["LinEAS"].nnz(),
                       "hyperparams": fits["LinEAS"].meta.get("hyperparams")},
               "eval": {"prompts": len(prompts), "passages": len(passages)}, "rows": rows,
               "seconds": time.perf_counter() - t0}
@@ -175,7 +177,8 @@ def render(results: list[dict]) -> str:
     rows = [(r, "") for r in results[0]["rows"][:1]]
     for result in results:
         config = json.dumps(result["fit"].get("config", {}))
-        rows += [(r, config if r["name"] == "LinEAS" else "their defaults") for r in result["rows"][1:]]
+        lead = result["fit"].get("name", "LinEAS")
+        rows += [(r, config if r["name"] == lead else "their defaults") for r in result["rows"][1:]]
     for r, settings in rows:
         ci = r.get("positive_diff_ci")
         ci = "" if ci is None else f"{ci[0]:+.3f} [{ci[1]:+.3f}, {ci[2]:+.3f}]"
