@@ -34,6 +34,7 @@ import json
 import re
 import subprocess
 import time
+from contextlib import nullcontext
 from pathlib import Path
 
 import numpy as np
@@ -109,21 +110,20 @@ def main() -> None:
     passages = wiki_passages(tok, "eval")
     ppls: dict = {}
 
+    def steered(steering, lam):
+        return nullcontext() if steering is None else lf.steered(model, steering, strength=lam)
+
     def ppl(steering, lam) -> float:
         key = (id(steering), float(lam))
         if key not in ppls:
-            with lf.steered(model, steering, strength=lam):
+            with steered(steering, lam):
                 ppls[key] = E.perplexity(model, tok, passages)
         return ppls[key]
 
     def point(name, steering, lam, base=None) -> dict:
-        if steering is None:
+        with steered(steering, lam):
             texts = E.continuations(model, tok, prompts)[0]
-            value = E.perplexity(model, tok, passages)
-        else:
-            with lf.steered(model, steering, strength=lam):
-                texts = E.continuations(model, tok, prompts)[0]
-            value = ppl(steering, lam)
+        value = ppl(steering, lam)
         p = positivity(texts, args.scorer_python)
         row = {"name": name, "strength": lam, "positive_rate": float((p > 0.5).mean()), "mean_pos": float(p.mean()),
                "ppl": value, "examples": texts[:5], "pos": p.tolist()}

@@ -170,8 +170,7 @@ def perplexity(model, tok, texts: list[str], batch_size: int = 16, max_length: i
     bos = [tok.bos_token_id] if add_bos and tok.bos_token_id is not None else []
     encoded = [tok(t, add_special_tokens=False)["input_ids"] for t in texts]
     max_length = warn_cut(model, [len(r) for r in encoded], max_length, "passages", reserve=len(bos))
-    cut = [bos + r[:max_length] for r in encoded]
-    cut = [cut[i] for i in sorted(range(len(cut)), key=lambda i: (len(cut[i]), i))]
+    cut = sorted((bos + r[:max_length] for r in encoded), key=len)  # stable: ties keep the given order
     total, count = 0.0, 0
     for i in tqdm(range(0, len(texts), batch_size), desc="perplexity", disable=not progress, leave=False):
         rows = cut[i:i + batch_size]
