@@ -34,3 +34,25 @@ def test_render_lists_the_unsteered_row_once():
     table = second_task.render(runs).splitlines()
     assert len(table) == 2 + 1 + 2 and sum("unsteered" in line for line in table) == 1
     assert '{"preserve": 0}' in table[-1] and "+0.200 [+0.050, +0.350]" in table[-1] and "+10.0 %" in table[-1]
+
+
+def test_maps_alignment_and_halves():
+    """``second_task_maps.py``: b along δ gives cosine 1 and the projection ratio of the lengths; a b
+    orthogonal to δ gives 0; the halves keep exactly one part of the map."""
+    import torch
+
+    import second_task_maps as maps
+    from lineas_fast.steering import Steering
+
+    d = {"a": torch.tensor([1.0, 2.0, 0.0]), "b": torch.tensor([0.0, 0.0, 3.0])}
+    mean_shift = Steering({s: torch.ones(3) for s in d}, d)
+    fit = Steering({"a": torch.tensor([1.5, 1.0, 1.0]), "b": torch.tensor([1.0, 0.9, 1.0])},
+                   {"a": 0.5 * d["a"], "b": torch.tensor([1.0, 0.0, 0.0])})
+    out = maps.alignment(fit, mean_shift)
+    assert out["sites"] == ["a", "b"]
+    assert out["cos"] == pytest.approx([1.0, 0.0]) and out["ratio"] == pytest.approx([0.5, 0.0])
+    assert out["median_abs_omega_minus_1"] == pytest.approx(0.0)  # 4 of 6 entries are exactly 1
+    h = maps.halves(fit)
+    assert torch.equal(h["omega only"].scale["a"], fit.scale["a"]) and not h["omega only"].shift["a"].any()
+    assert torch.equal(h["shift only"].shift["b"], fit.shift["b"]) and (h["shift only"].scale["b"] == 1).all()
+    assert h["as fitted"] is fit
