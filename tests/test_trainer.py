@@ -245,7 +245,38 @@ def test_paired_preserve_compares_each_row_with_its_own_unsteered_value():
     assert float(paired_loss(swapped, ref)) > 0
 
 
-@pytest.mark.parametrize("preserve_loss", ["wasserstein", "paired"])
+def test_local_preserve_charges_each_map_its_own_move_only():
+    """``preserve_loss="local"``: the move a map itself makes, ``(ω − 1)⊙h + b`` with h its input, read off
+    the rows it wrote; what an upstream map moved is not charged again (paired charges it)."""
+    from lineas_fast.methods.trainer import local_move
+
+    torch.manual_seed(0)
+    h = torch.randn(6, 3)
+    omega, b = torch.tensor([1.0, 0.5, 2.0]), torch.tensor([0.0, 0.3, -0.2])
+    assert torch.allclose(local_move(omega * h + b, omega, b), (omega - 1) * h + b, atol=1e-6)
+    assert torch.equal(local_move(h, torch.ones(3), torch.zeros(3)), torch.zeros(6, 3))  # identity: no move
+    # ω = 0 writes b whatever h was: the move is read with |ω| held at 1e-3, finite
+    assert torch.isfinite(local_move(torch.zeros(6, 3) + b, torch.zeros(3), b)).all()
+
+    # two chained sites: "up" shifts by 1 and feeds "down", which shifts by 0.5: the paired move of "down"
+    # (against its unsteered value) is 1.5, its local move only its own 0.5
+    x = torch.randn(4, 1)
+    up = x + 1.0
+    down = (x + up) + 0.5  # the unsteered "down" is x + x
+    z = torch.cat([up, down], 1)
+    omega, b = torch.ones(2), torch.tensor([1.0, 0.5])
+    assert torch.allclose(local_move(z, omega, b), torch.tensor([1.0, 0.5]).expand(4, 2))
+    assert torch.allclose(z - torch.cat([x, 2 * x], 1), torch.tensor([1.0, 1.5]).expand(4, 2))
+
+
+def test_local_preserve_fits_and_is_zero_at_the_identity(tok):
+    st = fit(make_model("llama"), tok, steps=3, preserve=1.0, preserve_loss="local")
+    hist = st.meta["train"]
+    assert st.meta["hyperparams"]["preserve_loss"] == "local"
+    assert hist["preserve"][0] == pytest.approx(0.0, abs=1e-9) and hist["preserve"][-1] > 0
+
+
+@pytest.mark.parametrize("preserve_loss", ["wasserstein", "paired", "local"])
 def test_preserve_under_compile_matches_eager(tok, preserve_loss):
     model = make_model("llama")
     kw = dict(steps=4, preserve=1.0, pooling="tokens", preserve_loss=preserve_loss)

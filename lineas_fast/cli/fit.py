@@ -48,9 +48,10 @@ def add_parser(sub, common, fmt) -> None:
     f.add_argument("--preserve", type=float, default=None, metavar="μ",
                    help=f"LinEAS: weight of the term that keeps the target prompts' activations in place (0: "
                         f"off) [default: {D['preserve']}]")
-    f.add_argument("--preserve-loss", default=None, choices=["paired", "wasserstein"],
+    f.add_argument("--preserve-loss", default=None, choices=["paired", "wasserstein", "local"],
                    help=f"LinEAS: how the preservation term measures the move of the target prompts' activations: "
-                        f"per token (paired) or as a distribution (wasserstein) [default: {D['preserve_loss']}]")
+                        f"per token (paired), as a distribution (wasserstein), or each map's own displacement "
+                        f"without what upstream maps moved (local) [default: {D['preserve_loss']}]")
     f.add_argument("--tol", type=float, default=None, metavar="T",
                    help=f"LinEAS stopping rule: stop when a window's mean loss improves by less than T "
                         f"(relative; 0: run every step) [default: {D['tol']}]")

@@ -17,7 +17,8 @@ schedule, proximal step, stopping rule, progress bar, history — is here, once.
 by the target variance, summed over columns (:mod:`lineas_fast.losses`) — plus, with ``preserve = μ > 0``,
 ``μ · W(steered target, unsteered target)`` on a mini-batch of the *target* prompts run through the same
 steered model. The first term moves the source onto the target; the second says how far the maps may move
-text that already is like the target (zero at the identity). Among maps that transport equally well it
+text that already is like the target (zero at the identity). ``preserve_loss="local"`` charges each map
+only its own displacement of those rows (:func:`local_move`), not what the maps upstream of it moved. Among maps that transport equally well it
 prefers those that leave ordinary text alone, which is what perplexity on unrelated text measures.
 
 **The recipe** (Apple's reference LinEAS code): Adam with betas (0.9, 0.9), a cosine decay of the learning
@@ -71,7 +72,7 @@ from ..losses import column_weights, paired_loss, quantile_levels, sorted_rows, 
 from .prox import prox_sparse_group, step_sizes
 
 SCHEDULES = ("cosine", "constant")
-PRESERVE_LOSSES = ("paired", "wasserstein")
+PRESERVE_LOSSES = ("paired", "wasserstein", "local")
 OPTIMIZERS = ("adam", "sgd")
 
 
@@ -289,11 +290,12 @@ def train_maps(forward, *, n_source: int, targets: Targets, slices: dict, recipe
             if recipe.partial > 0 and support is None and float(torch.rand((), generator=gen)) < recipe.partial:
                 lam = float(torch.rand((), generator=gen))
             if lam == 1.0:
-                forward.bind(omega, unit * shift)  # × 1.0 is exact: on SmolLM2 the fit is unchanged
+                bound = (omega, unit * shift)  # × 1.0 is exact: on SmolLM2 the fit is unchanged
                 goal = vt_sorted
             else:  # the maps at strength λ, against the interpolated target (sorted: a mix of sorted rows)
-                forward.bind(1 + lam * (omega - 1), (lam * unit) * shift)
+                bound = (1 + lam * (omega - 1), (lam * unit) * shift)
                 goal = (1 - lam) * ends[0] + lam * ends[1]
+            forward.bind(*bound)
             src = batch(n_source)
             tgt = batch(n_target) if recipe.preserve > 0 else []
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=recipe.autocast):
@@ -313,6 +315,8 @@ def train_maps(forward, *, n_source: int, targets: Targets, slices: dict, recipe
                 ref = v[torch.cat([targets.rows_of[j - n_source] for j in order]).to(device)]
                 if recipe.preserve_loss == "paired":
                     kept = paired_loss(z[~is_src], ref, weights)
+                elif recipe.preserve_loss == "local":
+                    kept = paired_loss(local_move(z[~is_src], *bound), 0.0, weights)
                 else:
                     kept = wasserstein_loss_to(z[~is_src], sorted_rows(ref), weights)
                 loss = transport + recipe.preserve * kept
@@ -361,6 +365,14 @@ def train_maps(forward, *, n_source: int, targets: Targets, slices: dict, recipe
     b = unit * shift.detach()
     warn_if_inert(omega.detach(), b, groups, recipe)
     return omega.detach(), b, history
+
+
+def local_move(z: torch.Tensor, omega: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
+    """Each map's own displacement of the rows ``z = ω⊙h + b`` it wrote: ``z − h = z − (z − b)/ω`` (|ω| kept
+    ≥ 1e-3). Unlike ``z − unsteered`` it leaves out what the maps upstream moved (mean pooling is linear,
+    so the identity holds for pooled rows too)."""
+    safe = torch.where(omega.abs() < 1e-3, torch.full_like(omega, 1e-3).copysign(omega), omega)
+    return z - (z - shift) / safe
 
 
 INERT_SITES = 0.95  # warn when sparsity switched off more than this fraction of the sites
