@@ -17,9 +17,11 @@ schedule, proximal step, stopping rule, progress bar, history — is here, once.
 by the target variance, summed over columns (:mod:`lineas_fast.losses`) — plus, with ``preserve = μ > 0``,
 ``μ · W(steered target, unsteered target)`` on a mini-batch of the *target* prompts run through the same
 steered model. The first term moves the source onto the target; the second says how far the maps may move
-text that already is like the target (zero at the identity). ``preserve_loss="local"`` charges each map
-only its own displacement of those rows (:func:`local_move`), not what the maps upstream of it moved. Among maps that transport equally well it
+text that already is like the target (zero at the identity). Among maps that transport equally well it
 prefers those that leave ordinary text alone, which is what perplexity on unrelated text measures.
+``preserve_loss``: ``"paired"`` compares each target row with its own unsteered value, ``"wasserstein"`` the
+two distributions, ``"local"`` charges each map only its own displacement of those rows (:func:`local_move`),
+not what the maps upstream of it moved.
 
 **The recipe** (Apple's reference LinEAS code): Adam with betas (0.9, 0.9), a cosine decay of the learning
 rate from ``lr`` to ``lr·lr_end`` over ``steps``, a random mini-batch of ``batch_size`` source prompts
