@@ -81,6 +81,27 @@ def positivity(texts: list[str], python: str) -> np.ndarray:
     return np.asarray(json.loads(out.stdout), dtype=np.float64)
 
 
+def checked_options(args) -> dict:
+    """The ``--config`` dict, after checking the scorer venv exists (both before any model work); applies
+    ``--threads``."""
+    try:
+        config = json.loads(args.config)
+    except json.JSONDecodeError as e:
+        raise SystemExit(f"--config {args.config!r}: not JSON ({e})")
+    if not Path(args.scorer_python).exists():
+        raise SystemExit(f"{args.scorer_python}: no sentiment venv (make sentiment-venv)")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    return config
+
+
+def load_task() -> tuple:
+    """``(source, target, eval prompts, model, tok, passages)`` of the task (the module docstring's rule)."""
+    neg, pos = reviews()
+    model, tok = lf.load_model("smollm2-135m")
+    return neg[:N_FIT], pos[:N_FIT], neg[N_FIT:], model, tok, wiki_passages(tok, "eval")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", default="benchmarks/results/second_task.json")
@@ -96,18 +117,8 @@ def main() -> None:
     if args.render:
         print(render([json.loads(Path(f).read_text(encoding="utf-8")) for f in args.render]))
         return
-    try:
-        config = json.loads(args.config)
-    except json.JSONDecodeError as e:
-        raise SystemExit(f"--config {args.config!r}: not JSON ({e})")
-    if not Path(args.scorer_python).exists():
-        raise SystemExit(f"{args.scorer_python}: no sentiment venv (make sentiment-venv)")
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    neg, pos = reviews()
-    src, tgt, prompts = neg[:N_FIT], pos[:N_FIT], neg[N_FIT:]
-    model, tok = lf.load_model("smollm2-135m")
-    passages = wiki_passages(tok, "eval")
+    config = checked_options(args)
+    src, tgt, prompts, model, tok, passages = load_task()
     ppls: dict = {}
 
     def steered(steering, lam):

@@ -33,8 +33,7 @@ import lineas_fast as lf
 from lineas_fast import evaluate as E
 from lineas_fast.steering import Steering
 
-from lineas_fast.data import wiki_passages
-from second_task import N_FIT, positivity, reviews
+from second_task import checked_options, load_task, positivity
 
 
 def alignment(fit: Steering, mean_shift: Steering) -> dict:
@@ -66,19 +65,9 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--scorer-python", default=".venv-sentiment/bin/python")
     args = ap.parse_args()
-    try:
-        config = json.loads(args.config)
-    except json.JSONDecodeError as e:
-        raise SystemExit(f"--config {args.config!r}: not JSON ({e})")
-    if not Path(args.scorer_python).exists():
-        raise SystemExit(f"{args.scorer_python}: no sentiment venv (make sentiment-venv)")
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    config = checked_options(args)
     t0 = time.perf_counter()
-    neg, pos = reviews()
-    src, tgt, prompts = neg[:N_FIT], pos[:N_FIT], neg[N_FIT:]
-    model, tok = lf.load_model("smollm2-135m")
-    passages = wiki_passages(tok, "eval")
+    src, tgt, prompts, model, tok, passages = load_task()
     fit = lf.fit(model, tok, src, tgt, **config)
     hp = fit.meta["hyperparams"]
     mean_shift = lf.fit(model, tok, src, tgt, method="mean_act", sites=hp["sites"], pooling=hp["pooling"],
