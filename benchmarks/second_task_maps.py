@@ -1,16 +1,16 @@
 """Why a LinEAS fit does or does not steer the second task: its shifts against the plain mean shift, and its
 two halves (ω alone, b alone) evaluated apart.
 
-``second_task.py`` measures *whether* a setting steers the sentiment of the continuations; this script asks *why not*, on the
-same data and protocol (its module docstring). It fits LinEAS with ``--config`` and Mean-AcT at the same
+``second_task.py`` measures *whether* a setting steers the continuations' sentiment; this script asks *why
+not*, on the same data and protocol (its module docstring). It fits LinEAS with ``--config`` and Mean-AcT at the same
 sites and pooling (the mean shift δ = mean(target) − mean(source) per site, fitted locally), then reports
 
 * per site, how the learned shift b lines up with δ: the cosine and the projection ratio ``b·δ / δ·δ``
   (a pure transport of the means, with the paired preservation term μ and no other site, would give
   cosine 1 and ratio 1/(1+μ));
 * the median |ω − 1|;
-* the positive rate, mean VADER compound and passage PPL of the fit at λ = 1 as fitted, with ω alone (b = 0) and
-  with b alone (ω = 1), and of Mean-AcT at λ = 0.5 — which half of the map moves sentiment, which costs
+* the positive rate, mean VADER compound and passage PPL of the fit at λ = 1 as fitted, with ω alone (b = 0)
+  and with b alone (ω = 1), and of Mean-AcT at λ = 0.5 — which half of the map moves sentiment, which costs
   perplexity.
 
 Usage::
