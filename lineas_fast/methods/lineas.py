@@ -140,7 +140,7 @@ def fit_lineas(model, tok, source, target, *, sites=DEFAULTS["sites"], pooling=D
                optimizer=DEFAULTS["optimizer"], preserve=DEFAULTS["preserve"],
                preserve_loss=DEFAULTS["preserve_loss"], tol=DEFAULTS["tol"],
                window=DEFAULTS["window"], refit_steps=DEFAULTS["refit_steps"], partial=DEFAULTS["partial"],
-               anchor=0.0, max_length=DEFAULTS["max_length"],
+               max_length=DEFAULTS["max_length"],
                seed=DEFAULTS["seed"], micro_batch: int = 8, fused: bool | None = None, autocast: bool = DEFAULTS["autocast"],
                compile: bool | str = DEFAULTS["compile"], progress: bool = True) -> Steering:
     """Fit LinEAS maps; see :func:`lineas_fast.fit` for the arguments.
@@ -156,7 +156,7 @@ def fit_lineas(model, tok, source, target, *, sites=DEFAULTS["sites"], pooling=D
     recipe = Recipe(steps=steps, lr=lr, schedule=schedule, lr_end=lr_end, betas=tuple(betas) if isinstance(
         betas, (list, tuple)) else betas, optimizer=optimizer, batch_size=batch_size, l1=l1, group_l2=group_l2,
         normalize=normalize, preserve=preserve, preserve_loss=preserve_loss, tol=tol, window=window,
-        refit_steps=refit_steps, partial=partial, anchor=anchor, seed=seed, autocast=autocast)
+        refit_steps=refit_steps, partial=partial, seed=seed, autocast=autocast)
     recipe.validate()
     if isinstance(micro_batch, bool) or not isinstance(micro_batch, int) or micro_batch < 1:
         raise SteeringError(f"micro_batch={micro_batch!r}: expected an integer >= 1")
@@ -179,7 +179,7 @@ def fit_lineas(model, tok, source, target, *, sites=DEFAULTS["sites"], pooling=D
 
     # the source unsteered, once: the λ = 0 end of the targets of steps at a partial strength
     source_v = None
-    if recipe.partial > 0 or recipe.anchor > 0:
+    if recipe.partial > 0:
         source_v = collect(model, tok, source, site_list, pooling=pooling, max_length=max_length)
         source_v = torch.cat([source_v[s] for s in site_list], dim=1)
 

@@ -98,7 +98,6 @@ class Recipe:
     window: int = 20
     refit_steps: int = 0
     partial: float = 0.0
-    anchor: float = 0.0
     seed: int = 0
     autocast: bool = False
 
@@ -138,7 +137,6 @@ class Recipe:
             bad("window", "expected an integer >= 1")
         if isinstance(self.refit_steps, bool) or not isinstance(self.refit_steps, int) or self.refit_steps < 0:
             bad("refit_steps", "expected an integer >= 0 (0: no refit)")
-        number("anchor", lambda v: v >= 0, "expected a finite number >= 0")
         number("partial", lambda v: 0 <= v <= 1, "expected the fraction of steps at a partial strength, in [0, 1]")
 
     def lr_at(self, step: int, steps: int | None = None) -> float:
@@ -248,7 +246,7 @@ def train_maps(forward, *, n_source: int, targets: Targets, slices: dict, recipe
             fits, whose defaults were picked that way).
     """
     recipe.validate()
-    if (recipe.partial > 0 or recipe.anchor > 0) and source is None:
+    if recipe.partial > 0 and source is None:
         raise SteeringError(f"partial={recipe.partial}: training at partial strengths needs the unsteered "
                             f"source activations (source=)")
     n_target = len(targets.rows_of)
@@ -261,10 +259,6 @@ def train_maps(forward, *, n_source: int, targets: Targets, slices: dict, recipe
         s_sorted = sorted_rows(source.to(device).float())
         k = max(s_sorted.shape[1], vt_sorted.shape[1])
         ends = (quantile_levels(s_sorted, k), quantile_levels(vt_sorted, k))
-    anchor_terms = None
-    if recipe.anchor > 0:  # each map, applied to its own unsteered source, lands the source mean on the target's
-        m_s = source.to(device).float().mean(0)
-        anchor_terms = (m_s, v.float().mean(0) - m_s)
     gen = torch.Generator().manual_seed(recipe.seed)
     unit = shift_unit(v, shift_ref)
     omega = torch.ones(width, device=device, requires_grad=True)
@@ -327,10 +321,6 @@ def train_maps(forward, *, n_source: int, targets: Targets, slices: dict, recipe
                     kept = (paired_loss(z[~is_src], ref, weights) if recipe.preserve_loss == "paired"
                             else wasserstein_loss_to(z[~is_src], sorted_rows(ref), weights))
                 loss = transport + recipe.preserve * kept
-            if anchor_terms is not None:
-                m_s, delta = anchor_terms
-                w = 1.0 if weights is None else weights
-                loss = loss + recipe.anchor * ((((bound[0] - 1) * m_s + bound[1] - delta) ** 2) * w).sum()
             t_loss = time.perf_counter()
             opt.zero_grad(set_to_none=True)
             loss.backward()
