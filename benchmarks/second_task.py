@@ -239,9 +239,10 @@ def plot(results: list[dict], png: str, zoom: float = 1.2) -> Path:
         pts = [base] + shown
         err = [[r["mean_compound_diff_ci"][0] - r["mean_compound_diff_ci"][1] if r is not base else 0 for r in pts],
                [r["mean_compound_diff_ci"][2] - r["mean_compound_diff_ci"][0] if r is not base else 0 for r in pts]]
-        color = f"C{i}"
-        ax.errorbar([r["ppl"] for r in pts], [r["mean_compound"] for r in pts], yerr=err, marker="o", color=color,
-                    linewidth=1.2, markersize=4, capsize=2, elinewidth=0.8,
+        color = f"C{i % 10}"  # past ten curves the colours repeat: the line style and marker tell them apart
+        ax.errorbar([r["ppl"] for r in pts], [r["mean_compound"] for r in pts], yerr=err, marker="os^"[i // 10 % 3],
+                    linestyle=("-", "--", ":")[i // 10 % 3], color=color, linewidth=1.2, markersize=4, capsize=2,
+                    elinewidth=0.8,
                     label=label + (f" (off the plot: {'; '.join(off)})" if off else ""))
         for r in shown:
             ax.annotate(f"{r['strength']:.3g}", (r["ppl"], r["mean_compound"]), textcoords="offset points",
