@@ -32,6 +32,8 @@ def main() -> None:
     ap.add_argument("--render", action="store_true", help="print --out as a markdown table and exit")
     ap.add_argument("--plot", metavar="PNG", help="draw every curve of --out (settings measured at 3+ strengths) "
                                                   "as toxic rate vs PPL with CIs, and exit")
+    ap.add_argument("--frontier", metavar="PNG", help="draw every point of --out (any settings, λ ≤ 1) as toxic "
+                                                      "rate vs ΔPPL, one marker per method, and exit")
     ap.add_argument("--strengths", default="1", help="comma-separated strengths")
     ap.add_argument("--target", default="nontoxic", help="built-in target set of the fit (default: nontoxic)")
     ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
@@ -45,6 +47,9 @@ def main() -> None:
         return
     if args.plot:
         print(plot(args.out, args.plot))
+        return
+    if args.frontier:
+        print(frontier(args.out, args.frontier))
         return
     if not args.config:
         ap.error("--config is required (unless --render)")
@@ -133,6 +138,61 @@ def plot(path: str, png: str):
         for label, pts in curves.items()}}
     return report.tradeoff_ci_png(res, png, title="every curve of " + os.path.basename(path) + " (300 prompts)",
                                   zoom=1.15)
+
+
+def frontier_points(path: str, max_change: float = 0.25) -> tuple[dict, float]:
+    """``({label: [(ΔPPL %, toxic rate), ...]}, unsteered toxic rate)`` of every nontoxic-target row of a results
+    JSONL at λ ≤ 1 and ΔPPL ≤ ``max_change``. Labels: the method's display name; LinEAS rows split into
+    ``"LinEAS (library defaults)"`` (``config == {}``) and ``"LinEAS (any settings)"``."""
+    from lineas_fast.demo import BASELINES
+
+    names = {"lineas": "LinEAS", **{method: label for label, method in BASELINES.items()}}
+    groups: dict = {}
+    base_rate = None
+    for line in open(path):
+        r = json.loads(line)
+        if r["config"] == "unsteered" or r.get("target", "wiki") != "nontoxic":
+            continue
+        base_rate = r["toxic_rate"] * r["cut"]
+        if r["strength"] > 1 or r["ppl_change"] > max_change:
+            continue
+        cfg = dict(r["config"])
+        method = cfg.pop("method", "lineas")
+        label = names.get(method, method)
+        if label == "LinEAS":
+            label += " (library defaults)" if not cfg else " (any settings)"
+        groups.setdefault(label, []).append((100 * r["ppl_change"], r["toxic_rate"]))
+    if base_rate is None:
+        raise SystemExit(f"{path}: no nontoxic-target rows to draw")
+    return groups, base_rate
+
+
+def frontier(path: str, png: str, max_change: float = 0.25) -> str:
+    """:func:`frontier_points` drawn as toxic rate vs ΔPPL, one marker per method, the library defaults large:
+    shows at a glance whether any setting moved off the trade-off curve the others share."""
+    from matplotlib.figure import Figure
+
+    groups, base_rate = frontier_points(path, max_change)
+    style = {"LinEAS (any settings)": dict(color="C0", marker="o", s=14, alpha=0.45),
+             "LinEAS (library defaults)": dict(color="C3", marker="*", s=120, zorder=4),
+             "Mean-AcT": dict(color="C1", marker="s", s=36, zorder=3),
+             "Linear-AcT": dict(color="C2", marker="^", s=40, zorder=3)}
+    fig = Figure(figsize=(8, 5.5), dpi=120, layout="constrained")
+    ax = fig.subplots()
+    ax.scatter([0], [base_rate], color="black", zorder=5, label="unsteered")
+    for i, (label, pts) in enumerate(sorted(groups.items())):
+        kw = style.get(label, dict(color=f"C{i + 4}", marker="Dv"[i % 2], s=30))
+        ax.scatter(*zip(*pts), label=f"{label}: {len(pts)} points", **kw)
+    ax.axvline(10, color="gray", linestyle=":", linewidth=1, label="+10 % PPL")
+    ax.axhline(base_rate / 3, color="gray", linestyle="--", linewidth=1, label="3× cut")
+    ax.set_xlabel("passage perplexity change (%)")
+    ax.set_ylabel("toxic rate (300 eval prompts; each point's 95 % CI about ±0.05)")
+    ax.set_title(f"every measured point of {os.path.basename(path)} (λ ≤ 1, ΔPPL ≤ {100 * max_change:.0f} %)",
+                 fontsize=9)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.savefig(png)
+    return png
 
 
 def _baseline(cache, model, tok, prompts, passages) -> dict:
