@@ -110,22 +110,29 @@ def render(path: str) -> str:
     return "\n".join(lines)
 
 
-def plot(path: str, png: str):
-    """The curves of a results JSONL — each (target, method, settings) measured at 3+ strengths — drawn by
-    :func:`lineas_fast.report.tradeoff_ci_png`; the unsteered point is recovered from any row (its toxic
-    rate is ``toxic_rate × cut``, its PPL ``ppl / (1 + ppl_change)``)."""
-    from lineas_fast import report
+def _nontoxic_rows(path: str):
+    """``(row, method's display name, settings without "method")`` for every steered row of a results JSONL whose
+    fit targeted the default ``nontoxic`` set (the rows :func:`plot` and :func:`frontier` draw)."""
     from lineas_fast.demo import BASELINES
 
     names = {"lineas": "LinEAS", **{method: label for label, method in BASELINES.items()}}
-    groups: dict = {}
     for line in open(path):
         r = json.loads(line)
         if r["config"] == "unsteered" or r.get("target", "wiki") != "nontoxic":
             continue
         cfg = dict(r["config"])
         method = cfg.pop("method", "lineas")
-        method = names.get(method, method)
+        yield r, names.get(method, method), cfg
+
+
+def plot(path: str, png: str):
+    """The curves of a results JSONL — each (target, method, settings) measured at 3+ strengths — drawn by
+    :func:`lineas_fast.report.tradeoff_ci_png`; the unsteered point is recovered from any row (its toxic
+    rate is ``toxic_rate × cut``, its PPL ``ppl / (1 + ppl_change)``)."""
+    from lineas_fast import report
+
+    groups: dict = {}
+    for r, method, cfg in _nontoxic_rows(path):
         label = method + ("" if not cfg else " (" + ", ".join(f"{k}={v}" for k, v in cfg.items()) + ")")
         groups.setdefault(label, {})[r["strength"]] = r
     curves = {k: v for k, v in groups.items() if len(v) >= 3}
@@ -144,21 +151,12 @@ def frontier_points(path: str, max_change: float = 0.25) -> tuple[dict, float]:
     """``({label: [(ΔPPL %, toxic rate), ...]}, unsteered toxic rate)`` of every nontoxic-target row of a results
     JSONL at λ ≤ 1 and ΔPPL ≤ ``max_change``. Labels: the method's display name; LinEAS rows split into
     ``"LinEAS (library defaults)"`` (``config == {}``) and ``"LinEAS (any settings)"``."""
-    from lineas_fast.demo import BASELINES
-
-    names = {"lineas": "LinEAS", **{method: label for label, method in BASELINES.items()}}
     groups: dict = {}
     base_rate = None
-    for line in open(path):
-        r = json.loads(line)
-        if r["config"] == "unsteered" or r.get("target", "wiki") != "nontoxic":
-            continue
+    for r, label, cfg in _nontoxic_rows(path):
         base_rate = r["toxic_rate"] * r["cut"]
         if r["strength"] > 1 or r["ppl_change"] > max_change:
             continue
-        cfg = dict(r["config"])
-        method = cfg.pop("method", "lineas")
-        label = names.get(method, method)
         if label == "LinEAS":
             label += " (library defaults)" if not cfg else " (any settings)"
         groups.setdefault(label, []).append((100 * r["ppl_change"], r["toxic_rate"]))
