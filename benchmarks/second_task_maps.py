@@ -3,7 +3,8 @@ two halves (ω alone, b alone) evaluated apart.
 
 ``second_task.py`` measures *whether* a setting steers the continuations' sentiment; this script asks
 *why not*, on the same data and protocol (its module docstring). It fits LinEAS with ``--config`` and
-Mean-AcT at the same sites and pooling (the mean shift δ = mean(target) − mean(source) per site, fitted locally), then reports
+Mean-AcT at the same sites and pooling (the mean shift δ = mean(target) − mean(source) per site, fitted
+locally), then reports
 
 * per site, how the learned shift b lines up with δ: the cosine and the projection ratio ``b·δ / δ·δ``
   (a pure transport of the means, with the paired preservation term μ and no other site, would give
