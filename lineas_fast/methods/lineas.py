@@ -142,7 +142,7 @@ def fit_lineas(model, tok, source, target, *, sites=DEFAULTS["sites"], pooling=D
                window=DEFAULTS["window"], refit_steps=DEFAULTS["refit_steps"], partial=DEFAULTS["partial"],
                max_length=DEFAULTS["max_length"],
                seed=DEFAULTS["seed"], micro_batch: int = 8, fused: bool | None = None, autocast: bool = DEFAULTS["autocast"],
-               compile: bool | str = DEFAULTS["compile"], progress: bool = True, keep=None) -> Steering:
+               compile: bool | str = DEFAULTS["compile"], progress: bool = True) -> Steering:
     """Fit LinEAS maps; see :func:`lineas_fast.fit` for the arguments.
 
     Every check runs before the model is touched: prompt sets (at least two prompts each, none that
@@ -177,14 +177,6 @@ def fit_lineas(model, tok, source, target, *, sites=DEFAULTS["sites"], pooling=D
               if pooling == "tokens" else [1] * len(target))
     targets = Targets.from_counts(v, counts)
 
-    kept = None
-    if keep is not None:
-        kv = collect(model, tok, keep, site_list, pooling=pooling, max_length=max_length)
-        kv = torch.cat([kv[s] for s in site_list], dim=1)
-        kc = ([len(t) for t in tok(keep, truncation=max_length is not None, max_length=max_length)["input_ids"]]
-              if pooling == "tokens" else [1] * len(keep))
-        kept = Targets.from_counts(kv, kc)
-
     # the source unsteered, once: the λ = 0 end of the targets of steps at a partial strength
     source_v = None
     if recipe.partial > 0:
@@ -192,7 +184,7 @@ def fit_lineas(model, tok, source, target, *, sites=DEFAULTS["sites"], pooling=D
         source_v = torch.cat([source_v[s] for s in site_list], dim=1)
 
     # 2. the forward: source prompts (and target prompts, to measure how far the maps move them).
-    texts = source + ((keep if keep is not None else target) if preserve > 0 else [])
+    texts = source + (target if preserve > 0 else [])
     trained = _TrainedNorms(model, site_list, slices, fused)
     if backend is None:
         forward = _EagerForward(model, tok, texts, site_list, slices, trained.fused, pooling=pooling,
@@ -205,7 +197,7 @@ def fit_lineas(model, tok, source, target, *, sites=DEFAULTS["sites"], pooling=D
     with FrozenModel(model), trained:
         omega, shift, history = train_maps(_Bound(forward, trained), n_source=len(source), targets=targets,
                                            slices=slices, recipe=recipe, device=device, source=source_v,
-                                           progress=progress, kept=kept)
+                                           progress=progress)
     fit_seconds = time.perf_counter() - t0
 
     scale = {s: omega[slices[s]].cpu() for s in site_list}

@@ -232,7 +232,7 @@ def shift_unit(v: torch.Tensor, ref: float | None = SHIFT_UNIT_REF) -> float:
 
 def train_maps(forward, *, n_source: int, targets: Targets, slices: dict, recipe: Recipe, device,
                source: torch.Tensor | None = None, progress: bool = True, desc: str = "LinEAS",
-               shift_ref: float | None = SHIFT_UNIT_REF, kept: Targets | None = None) -> tuple[torch.Tensor, torch.Tensor, dict]:
+               shift_ref: float | None = SHIFT_UNIT_REF) -> tuple[torch.Tensor, torch.Tensor, dict]:
     """Run the LinEAS loop; returns the trained flat ``(omega, shift)`` and the training history.
 
     Args:
@@ -249,10 +249,8 @@ def train_maps(forward, *, n_source: int, targets: Targets, slices: dict, recipe
     if recipe.partial > 0 and source is None:
         raise SteeringError(f"partial={recipe.partial}: training at partial strengths needs the unsteered "
                             f"source activations (source=)")
-    keep_set = kept or targets
-    n_target = len(keep_set.rows_of)
+    n_target = len(targets.rows_of)
     v = targets.v.to(device)
-    v_kept = keep_set.v.to(device)
     vt_sorted = sorted_rows(v)  # [Σd, rows]: transposed and sorted once
     weights = column_weights(v, recipe.normalize)
     width = v.shape[1]
@@ -319,7 +317,7 @@ def train_maps(forward, *, n_source: int, targets: Targets, slices: dict, recipe
                 else:
                     # the same target prompts unsteered, row for row in the forward's order
                     order = torch.unique_consecutive(owner[~is_src]).tolist()
-                    ref = v_kept[torch.cat([keep_set.rows_of[j - n_source] for j in order]).to(device)]
+                    ref = v[torch.cat([targets.rows_of[j - n_source] for j in order]).to(device)]
                     kept = (paired_loss(z[~is_src], ref, weights) if recipe.preserve_loss == "paired"
                             else wasserstein_loss_to(z[~is_src], sorted_rows(ref), weights))
                 loss = transport + recipe.preserve * kept
