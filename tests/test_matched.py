@@ -243,12 +243,17 @@ def test_perplexity_and_fluency_equal_an_unbatched_float64_reference(tok, kind):
     texts = ["the river flows to the sea and on", "a history", "the album was released in may of that year",
              "nobody"]
     bos = [tok.bos_token_id] if tok.bos_token_id is not None else []
-    total, count = 0.0, 0
+    total, count, each = 0.0, 0, []
     for t in texts:
         s, n = _nll64(model, bos + tok(t, add_special_tokens=False)["input_ids"], 1)
         total, count = total + s, count + n
+        each.append((s, n))
     assert lf.evaluate.perplexity(model, tok, texts, batch_size=3) == pytest.approx(math.exp(total / count),
                                                                                   rel=1e-5)
+    # per text (the rows of a batch sorted by length, returned in the given order)
+    ppl, nll, n = lf.evaluate.perplexity(model, tok, texts, batch_size=3, per_text=True)
+    assert ppl == pytest.approx(math.exp(total / count), rel=1e-5)
+    assert list(n) == [c for _, c in each] and list(nll) == pytest.approx([s for s, _ in each], rel=1e-5)
     prompts, conts = texts[:3], [[5, 6, 7], [8], [9, 10]]
     total, count = 0.0, 0
     for p, c in zip(prompts, conts):

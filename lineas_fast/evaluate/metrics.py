@@ -138,45 +138,59 @@ def fluency_of(nlls: list[list[float]]) -> float:
 
 
 @torch.no_grad()
-def _nll(model, ids: torch.Tensor, mask: torch.Tensor, scored: torch.Tensor) -> tuple[float, int]:
-    """Summed next-token NLL over positions where ``scored`` is true, and their count."""
+def _nll(model, ids: torch.Tensor, mask: torch.Tensor, scored: torch.Tensor, per_row: bool = False):
+    """Summed next-token NLL over positions where ``scored`` is true, and their count (per row: arrays)."""
     pos = (mask.cumsum(-1) - 1).clamp(min=0)
     logits = model(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=False).logits
-    return _next_token_nll(logits, ids, scored & mask.bool())
+    return _next_token_nll(logits, ids, scored & mask.bool(), per_row=per_row)
 
 
-def _next_token_nll(logits: torch.Tensor, ids: torch.Tensor, scored: torch.Tensor) -> tuple[float, int]:
+def _next_token_nll(logits: torch.Tensor, ids: torch.Tensor, scored: torch.Tensor, per_row: bool = False):
     """Summed NLL of the tokens of ``ids`` where ``scored`` is true, each predicted by the logits of the
-    position before it, and their count."""
+    position before it, and their count; with ``per_row``, numpy arrays of each row's sum and count."""
     # Position t predicts token t + 1; the last position and unscored ones get the ignored target (NLL 0).
     # Cross-entropy over the flat [rows · positions, vocab] logits reads each row contiguously — over
     # ``logits.transpose(1, 2)`` it strides across the vocabulary and took as long as the model's forward.
     keep = torch.zeros_like(scored, dtype=torch.bool)
     keep[:, :-1] = scored[:, 1:]
     target = torch.where(keep, ids.roll(-1, 1), -100)
+    if per_row:
+        nll = torch.nn.functional.cross_entropy(logits.float().flatten(0, 1), target.flatten(), reduction="none")
+        return nll.view(ids.shape).sum(1).double().cpu().numpy(), keep.sum(1).cpu().numpy()
     nll = torch.nn.functional.cross_entropy(logits.float().flatten(0, 1), target.flatten(), reduction="sum")
     return float(nll), int(keep.sum())
 
 
 def perplexity(model, tok, texts: list[str], batch_size: int = 16, max_length: int = 192,
-               add_bos: bool = True, progress: bool = False) -> float:
+               add_bos: bool = True, progress: bool = False, per_text: bool = False):
     """Token-level perplexity of texts (each prefixed with BOS when the tokenizer has one), each cut to
     ``min(max_length, model max positions − BOS)`` tokens (a warning counts those the model's limit cut).
 
     Texts are batched in order of length, so that a batch pads little (on the demo's passages a pass takes
     ~8 % less time than batching them in the given order); the value does not depend on the order beyond
-    float rounding (~1e-7 relative)."""
+    float rounding (~1e-7 relative).
+
+    With ``per_text``, returns ``(perplexity, nll, count)``: also each text's summed NLL and scored-token count
+    (arrays in the given order), for bootstrap CIs over texts; the perplexity is then computed from them."""
     device = model_device(model)
     bos = [tok.bos_token_id] if add_bos and tok.bos_token_id is not None else []
     encoded = [tok(t, add_special_tokens=False)["input_ids"] for t in texts]
     max_length = warn_cut(model, [len(r) for r in encoded], max_length, "passages", reserve=len(bos))
-    cut = sorted((bos + r[:max_length] for r in encoded), key=len)  # stable: ties keep the given order
+    order = sorted(range(len(encoded)), key=lambda i: min(len(encoded[i]), max_length))  # stable: ties keep order
+    cut = [bos + encoded[i][:max_length] for i in order]
     total, count = 0.0, 0
+    rows_nll, rows_count = np.zeros(len(texts)), np.zeros(len(texts), dtype=np.int64)
     for i in tqdm(range(0, len(texts), batch_size), desc="perplexity", disable=not progress, leave=False):
         rows = cut[i:i + batch_size]
         ids, mask = _pad(rows, pad_id(tok), device)
+        if per_text:
+            nll, n = _nll(model, ids, mask, mask.bool(), per_row=True)
+            rows_nll[order[i:i + batch_size]], rows_count[order[i:i + batch_size]] = nll, n
+            continue
         s, n = _nll(model, ids, mask, mask.bool())
         total, count = total + s, count + n
+    if per_text:
+        return math.exp(rows_nll.sum() / max(rows_count.sum(), 1)), rows_nll, rows_count
     return math.exp(total / max(count, 1))
 
 
