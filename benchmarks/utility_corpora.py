@@ -18,10 +18,14 @@ changes get 95 % bootstrap CIs over texts (resampled within each corpus, the sam
 and so does the difference between LinEAS and a baseline at about the same toxic rate. ``--plot`` draws toxic
 rate against the WikiText change and against the geometric mean change over the four corpora, side by side.
 
+``--task siqa`` does the same for the second task (``benchmarks/second_task.py``: its fit sets, the strengths of
+its ``results/second_task/defaults.json`` rows and their mean compound score, higher is better).
+
 Usage:
     python benchmarks/utility_corpora.py --threads 2 --out benchmarks/results/utility_corpora.json
     python benchmarks/utility_corpora.py --render benchmarks/results/utility_corpora.json \
         [--plot docs/img/utility_corpora.png]
+    python benchmarks/utility_corpora.py --task siqa --threads 2 --out benchmarks/results/utility_corpora_siqa.json
 """
 
 from __future__ import annotations
@@ -29,7 +33,9 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -48,7 +54,24 @@ POINTS = {  # method: strengths (each has a row with these settings in tuning_no
     "linear_act": (0.08, 0.12, 0.16),
 }
 NAMES = {"lineas": "LinEAS (defaults)", "mean_act": "Mean-AcT", "linear_act": "Linear-AcT"}
-TUNING = Path(__file__).parent / "results" / "tuning_nontoxic.jsonl"
+METHOD_OF = {"LinEAS": "lineas", "Mean-AcT": "mean_act", "Linear-AcT": "linear_act"}  # second_task.py's names
+RESULTS = Path(__file__).parent / "results"
+TUNING = RESULTS / "tuning_nontoxic.jsonl"
+SECOND_TASK = RESULTS / "second_task" / "defaults.json"
+
+
+@dataclass(frozen=True)
+class Task:
+    """What a task's points are scored by: ``score`` names it, ``tolerance`` is how close two points' scores
+    must be to count as "about the same" in the pairs table."""
+
+    score: str
+    tolerance: float
+    fmt: str  # how a score is printed
+
+
+TASKS = {"detox": Task("toxic rate", 0.015, ".3f"),  # about 4 of 300 prompts
+         "siqa": Task("mean compound", 0.02, "+.3f")}  # about a tenth of the defaults' move (+0.168)
 
 
 def corpora() -> dict[str, list[str]]:
@@ -69,7 +92,44 @@ def corpora() -> dict[str, list[str]]:
     return out
 
 
-def measure(threads: int | None) -> dict:
+def fit_sets(task: str) -> tuple[list[str], list[str]]:
+    """The task's fit source and target prompts."""
+    if task == "siqa":
+        sys.path.insert(0, str(Path(__file__).parent))
+        from second_task import N_FIT, situations
+
+        neg, pos = situations()
+        return neg[:N_FIT], pos[:N_FIT]
+    import lineas_fast as lf
+
+    return lf.data.load_texts("toxic"), lf.data.load_texts("nontoxic")
+
+
+def task_points(task: str) -> dict:
+    """``{method: strengths}``: the points whose score the task's results already hold."""
+    if task == "detox":
+        return POINTS
+    out: dict = {}
+    for r in json.load(open(SECOND_TASK))["rows"]:
+        if r["name"] != "unsteered":
+            out.setdefault(METHOD_OF[r["name"]], []).append(r["strength"])
+    return {m: tuple(sorted(v)) for m, v in out.items()}
+
+
+def scores(task: str, path: Path | None = None) -> dict:
+    """``{(method, strength): (score, CI of its difference to unsteered, unsteered score)}`` of the task."""
+    return toxic_rates(path or TUNING) if task == "detox" else compound_scores(path or SECOND_TASK)
+
+
+def compound_scores(path: Path = SECOND_TASK) -> dict:
+    """:func:`scores` of the second task: each row's mean compound score of ``second_task.py``'s results."""
+    rows = json.load(open(path))["rows"]
+    base = next(r["mean_compound"] for r in rows if r["name"] == "unsteered")
+    return {(METHOD_OF[r["name"]], r["strength"]): (r["mean_compound"], r["mean_compound_diff_ci"][1:], base)
+            for r in rows if r["name"] != "unsteered"}
+
+
+def measure(threads: int | None, task: str = "detox") -> dict:
     import lineas_fast as lf
     from lineas_fast import evaluate as E
     from lineas_fast.data import wiki_passages
@@ -78,7 +138,7 @@ def measure(threads: int | None) -> dict:
         torch.set_num_threads(threads)
     model, tok = lf.load_model("smollm2-135m")
     texts = {"wikitext": wiki_passages(tok, "eval"), **corpora()}
-    src, tgt = lf.data.load_texts("toxic"), lf.data.load_texts("nontoxic")
+    src, tgt = fit_sets(task)
 
     def ppl() -> dict:
         out = {}
@@ -87,8 +147,8 @@ def measure(threads: int | None) -> dict:
             out[k] = {"ppl": p, "nll": nll.tolist(), "count": n.tolist()}
         return out
 
-    result = {"unsteered": ppl(), "points": []}
-    for method, strengths in POINTS.items():
+    result = {"task": task, "unsteered": ppl(), "points": []}
+    for method, strengths in task_points(task).items():
         t0 = time.perf_counter()
         st = lf.fit(model, tok, src, tgt, method=method, progress=False)
         print(f"{method}: fitted in {time.perf_counter() - t0:.0f} s", flush=True)
@@ -100,7 +160,6 @@ def measure(threads: int | None) -> dict:
     return result
 
 
-PAIR_TOLERANCE = 0.015  # toxic rates within this (about 4 of 300 prompts) count as "about the same"
 N_BOOT = 2000
 
 
@@ -139,9 +198,9 @@ def change_ci(result: dict, point: dict, corpora=tuple(CORPORA), other: dict | N
     return float(lo), float(hi)
 
 
-def pairs(result: dict, rates: dict) -> list[tuple[dict, dict]]:
-    """``(LinEAS point, baseline point)`` for each baseline point whose toxic rate is within
-    :data:`PAIR_TOLERANCE` of a LinEAS point's (the closest LinEAS point)."""
+def pairs(result: dict, rates: dict, tolerance: float) -> list[tuple[dict, dict]]:
+    """``(LinEAS point, baseline point)`` for each baseline point whose score is within ``tolerance`` of a
+    LinEAS point's (the closest LinEAS point)."""
     lineas = [p for p in result["points"] if p["method"] == "lineas" and ("lineas", p["strength"]) in rates]
     out = []
     for b in result["points"]:
@@ -149,7 +208,7 @@ def pairs(result: dict, rates: dict) -> list[tuple[dict, dict]]:
         if b["method"] == "lineas" or rb is None or not lineas:
             continue
         best = min(lineas, key=lambda p: abs(rates[("lineas", p["strength"])][0] - rb[0]))
-        if abs(rates[("lineas", best["strength"])][0] - rb[0]) <= PAIR_TOLERANCE:
+        if abs(rates[("lineas", best["strength"])][0] - rb[0]) <= tolerance:
             out.append((best, b))
     return out
 
@@ -170,30 +229,31 @@ def toxic_rates(path: Path = TUNING) -> dict:
 
 
 def render(result: dict, rates: dict) -> str:
+    task = TASKS[result.get("task", "detox")]
     cols = ["wikitext", *CORPORA]
-    lines = ["| method | λ | toxic rate | " + " | ".join(f"ΔPPL {c}" for c in cols)
+    lines = [f"| method | λ | {task.score} | " + " | ".join(f"ΔPPL {c}" for c in cols)
              + " | ΔPPL four corpora (geo. mean) [95 % CI] |", "|---|---|---|" + "---|" * (len(cols) + 1)]
-    lines.append("| unsteered | 0 | " + (f"{next(iter(rates.values()))[2]:.3f}" if rates else "–") + " | "
+    lines.append("| unsteered | 0 | " + (format(next(iter(rates.values()))[2], task.fmt) if rates else "–") + " | "
                  + " | ".join(f"PPL {result['unsteered'][c]['ppl']:.1f}" for c in cols) + " | – |")
     for p in result["points"]:
         rate = rates.get((p["method"], p["strength"]))
         lo, hi = change_ci(result, p)
-        lines.append(f"| {NAMES[p['method']]} | {p['strength']:g} | {'–' if rate is None else f'{rate[0]:.3f}'} | "
+        lines.append(f"| {NAMES[p['method']]} | {p['strength']:.3g} | {'–' if rate is None else format(rate[0], task.fmt)} | "
                      + " | ".join(f"{100 * change(result, p, c):+.1f} %" for c in cols)
                      + f" | {100 * mean_change(result, p):+.1f} % [{100 * lo:+.1f}, {100 * hi:+.1f}] |")
-    lines += ["", "| LinEAS λ (toxic rate) | baseline (toxic rate) | Δ four-corpora ΔPPL, LinEAS − baseline [95 % CI] "
-              "| Δ WikiText ΔPPL [95 % CI] |", "|---|---|---|---|"]
-    for a, b in pairs(result, rates):
+    lines += ["", f"| LinEAS λ ({task.score}) | baseline ({task.score}) | Δ four-corpora ΔPPL, LinEAS − baseline "
+              "[95 % CI] | Δ WikiText ΔPPL [95 % CI] |", "|---|---|---|---|"]
+    for a, b in pairs(result, rates, task.tolerance):
         d, dw = mean_change(result, a) - mean_change(result, b), change(result, a, "wikitext") - change(result, b, "wikitext")
         (lo, hi), (wlo, whi) = change_ci(result, a, other=b), change_ci(result, a, ("wikitext",), other=b)
-        lines.append(f"| {a['strength']:g} ({rates[('lineas', a['strength'])][0]:.3f}) | {NAMES[b['method']]} "
-                     f"{b['strength']:g} ({rates[(b['method'], b['strength'])][0]:.3f}) | {100 * d:+.1f} points "
+        lines.append(f"| {a['strength']:.3g} ({format(rates[('lineas', a['strength'])][0], task.fmt)}) | {NAMES[b['method']]} "
+                     f"{b['strength']:.3g} ({format(rates[(b['method'], b['strength'])][0], task.fmt)}) | {100 * d:+.1f} points "
                      f"[{100 * lo:+.1f}, {100 * hi:+.1f}] | {100 * dw:+.1f} points [{100 * wlo:+.1f}, {100 * whi:+.1f}] |")
     return "\n".join(lines)
 
 
 def plot(result: dict, rates: dict, png: str) -> str:
-    """Toxic rate (with its CI) against ΔPPL on WikiText (left) and on the four corpora (right)."""
+    """The task's score (with its CI) against ΔPPL on WikiText (left) and on the four corpora (right)."""
     from matplotlib.figure import Figure
 
     fig = Figure(figsize=(11, 4.6), dpi=120, layout="constrained")
@@ -202,7 +262,7 @@ def plot(result: dict, rates: dict, png: str) -> str:
     for ax, (title, corpora) in zip(axes, [("WikiText passages (the protocol's utility)", ("wikitext",)),
                                            ("four corpora no fit saw (geometric mean)", tuple(CORPORA))]):
         ax.errorbar([0], [base], fmt="ko", label="unsteered")
-        for i, method in enumerate(POINTS):
+        for i, method in enumerate(NAMES):
             pts = [p for p in result["points"] if p["method"] == method and (method, p["strength"]) in rates]
             xs = [100 * (change(result, p, "wikitext") if corpora == ("wikitext",) else mean_change(result, p))
                   for p in pts]
@@ -220,7 +280,9 @@ def plot(result: dict, rates: dict, png: str) -> str:
         ax.set_title(title, fontsize=10)
         ax.set_xlabel("perplexity change (%)")
         ax.grid(alpha=0.3)
-    axes[0].set_ylabel("toxic rate (300 eval prompts; 95 % CIs)")
+    task = result.get("task", "detox")
+    axes[0].set_ylabel({"detox": "toxic rate (300 eval prompts; 95 % CIs)",
+                        "siqa": "mean compound of the continuations (188 prompts; 95 % CIs)"}[task])
     axes[0].legend(fontsize=8)
     fig.savefig(png)
     return png
@@ -229,21 +291,23 @@ def plot(result: dict, rates: dict, png: str) -> str:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", help="JSON file to write the measured perplexities to")
+    ap.add_argument("--task", choices=sorted(TASKS), default="detox", help="detox (default) or siqa (the second task)")
     ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     ap.add_argument("--render", metavar="JSON", help="print a measured file as a markdown table and exit")
     ap.add_argument("--plot", metavar="PNG", help="with --render: also draw the two panels")
     args = ap.parse_args()
     if args.render:
-        result, rates = json.load(open(args.render)), toxic_rates()
+        result = json.load(open(args.render))
+        rates = scores(result.get("task", "detox"))
         print(render(result, rates))
         if args.plot:
             print(plot(result, rates, args.plot))
         return
     if not args.out:
         ap.error("--out is required (unless --render)")
-    result = measure(args.threads)
+    result = measure(args.threads, args.task)
     Path(args.out).write_text(json.dumps(result, indent=1))
-    print(render(result, toxic_rates()))
+    print(render(result, scores(args.task)))
 
 
 if __name__ == "__main__":

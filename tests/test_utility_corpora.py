@@ -89,7 +89,7 @@ def _tuning(tmp_path) -> Path:
 
 
 def test_toxic_rates_come_from_the_rows_with_each_methods_own_defaults(tmp_path):
-    rates = uc.toxic_rates(_tuning(tmp_path))
+    rates = uc.scores("detox", _tuning(tmp_path))
     assert set(rates) == {("lineas", 1.0), ("mean_act", 0.25)}
     assert rates[("lineas", 1.0)][0] == 0.07 and rates[("lineas", 1.0)][2] == pytest.approx(0.22)
 
@@ -100,6 +100,25 @@ def test_render_and_plot(tmp_path):
     table = uc.render(result, rates)
     assert "| LinEAS (defaults) | 1 | 0.070 | +10.0 % |" in table and "| Mean-AcT | 0.25 | 0.070 | +20.0 %" in table
     assert "| 1 (0.070) | Mean-AcT 0.25 (0.070) | -18.6 points [-18.6, -18.6] | -10.0 points" in table
-    assert [(a["method"], b["method"]) for a, b in uc.pairs(result, rates)] == [("lineas", "mean_act")]
+    assert [(a["method"], b["method"]) for a, b in uc.pairs(result, rates, uc.TASKS["detox"].tolerance)] == [("lineas", "mean_act")]
     png = uc.plot(result, rates, str(tmp_path / "u.png"))
     assert Path(png).read_bytes()[:4] == b"\x89PNG" and Path(png).stat().st_size > 10_000
+
+
+def test_the_second_task_reads_its_points_and_scores_from_its_results(tmp_path):
+    rows = [{"name": "unsteered", "strength": 0.0, "mean_compound": -0.1},
+            {"name": "LinEAS", "strength": 1.0, "mean_compound": 0.06, "mean_compound_diff_ci": [0.16, 0.08, 0.25]},
+            {"name": "Mean-AcT", "strength": 0.25, "mean_compound": 0.07, "mean_compound_diff_ci": [0.17, 0.1, 0.24]},
+            {"name": "Linear-AcT", "strength": 0.5, "mean_compound": 0.3, "mean_compound_diff_ci": [0.4, 0.3, 0.5]}]
+    path = tmp_path / "s.json"
+    path.write_text(json.dumps({"rows": rows}))
+    rates = uc.scores("siqa", path)
+    assert rates == {("lineas", 1.0): (0.06, [0.08, 0.25], -0.1), ("mean_act", 0.25): (0.07, [0.1, 0.24], -0.1),
+                     ("linear_act", 0.5): (0.3, [0.3, 0.5], -0.1)}
+    result = _result()
+    result["task"] = "siqa"
+    result["points"][1]["strength"] = 0.25
+    table = uc.render(result, rates)
+    assert "| method | λ | mean compound |" in table and "| LinEAS (defaults) | 1 | +0.060 |" in table
+    assert "| 1 (+0.060) | Mean-AcT 0.25 (+0.070) |" in table  # within the task's tolerance (0.02)
+    assert set(uc.task_points("siqa")) == {"lineas", "mean_act", "linear_act"}  # the committed results file
