@@ -279,13 +279,13 @@ def plot(result: dict, rates: dict, png: str) -> str:
             ax.errorbar(xs, ys, xerr=xerr, yerr=err, fmt="-o", color=f"C{i}", capsize=3, elinewidth=0.8,
                         label=NAMES[method])
             for x, y, p in zip(xs, ys, pts):
-                ax.annotate(f"{p['strength']:g}", (x, y), textcoords="offset points", xytext=(4, 4), fontsize=7)
+                ax.annotate(f"{p['strength']:.3g}", (x, y), textcoords="offset points", xytext=(4, 4), fontsize=7)
         ax.set_title(title, fontsize=10)
         ax.set_xlabel("perplexity change (%)")
         ax.grid(alpha=0.3)
     task = result.get("task", "detox")
     axes[0].set_ylabel({"detox": "toxic rate (300 eval prompts; 95 % CIs)",
-                        "siqa": "mean compound of the continuations (188 prompts; 95 % CIs)"}[task])
+                        "siqa": "mean compound (188 eval prompts; 95 % CIs)"}[task])
     axes[0].legend(fontsize=8)
     fig.savefig(png)
     return png
