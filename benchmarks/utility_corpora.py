@@ -309,7 +309,7 @@ def main() -> None:
     if not args.out:
         ap.error("--out is required (unless --render)")
     result = measure(args.threads, args.task)
-    Path(args.out).write_text(json.dumps(result, indent=1))
+    Path(args.out).write_text(json.dumps(result) + "\n")  # one line: it holds every text's NLL
     print(render(result, scores(args.task)))
 
 
