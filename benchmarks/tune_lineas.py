@@ -110,12 +110,14 @@ def render(path: str) -> str:
     return "\n".join(lines)
 
 
-def _nontoxic_rows(path: str):
-    """``(row, method's display name, settings without "method")`` for every steered row of a results JSONL whose
-    fit targeted the default ``nontoxic`` set (the rows :func:`plot` and :func:`frontier` draw)."""
+def nontoxic_rows(path, display: bool = False):
+    """``(row, method, settings without "method")`` for every steered row of a results JSONL whose fit targeted
+    the default ``nontoxic`` set (the rows :func:`plot` and :func:`frontier` draw, and
+    ``utility_corpora.py`` reads). ``method`` is ``lf.fit``'s name (``"mean_act"``), or with ``display`` the
+    demo's (``"Mean-AcT"``)."""
     from lineas_fast.demo import BASELINES
 
-    names = {"lineas": "LinEAS", **{method: label for label, method in BASELINES.items()}}
+    names = {"lineas": "LinEAS", **{method: label for label, method in BASELINES.items()}} if display else {}
     for line in open(path):
         r = json.loads(line)
         if r["config"] == "unsteered" or r.get("target", "wiki") != "nontoxic":
@@ -132,7 +134,7 @@ def plot(path: str, png: str):
     from lineas_fast import report
 
     groups: dict = {}
-    for r, method, cfg in _nontoxic_rows(path):
+    for r, method, cfg in nontoxic_rows(path, display=True):
         label = method + ("" if not cfg else " (" + ", ".join(f"{k}={v}" for k, v in cfg.items()) + ")")
         groups.setdefault(label, {})[r["strength"]] = r
     curves = {k: v for k, v in groups.items() if len(v) >= 3}
@@ -153,7 +155,7 @@ def frontier_points(path: str, max_change: float = 0.25) -> tuple[dict, float]:
     ``"LinEAS (library defaults)"`` (``config == {}``) and ``"LinEAS (any settings)"``."""
     groups: dict = {}
     base_rate = None
-    for r, label, cfg in _nontoxic_rows(path):
+    for r, label, cfg in nontoxic_rows(path, display=True):
         base_rate = r["toxic_rate"] * r["cut"]
         if r["strength"] > 1 or r["ppl_change"] > max_change:
             continue

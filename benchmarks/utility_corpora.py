@@ -60,7 +60,7 @@ NAMES = {"lineas": "LinEAS (defaults)", "mean_act": "Mean-AcT", "linear_act": "L
 METHOD_OF = {"LinEAS": "lineas", "Mean-AcT": "mean_act", "Linear-AcT": "linear_act"}  # second_task.py's names
 RESULTS = Path(__file__).parent / "results"
 TUNING = RESULTS / "tuning_nontoxic.jsonl"
-sys.path.insert(0, str(Path(__file__).parent))  # second_task.py: its data folder, fit sets and results
+sys.path.insert(0, str(Path(__file__).parent))  # second_task.py (data folder, fit sets), tune_lineas.py (rows)
 SECOND_TASK = RESULTS / "second_task" / "defaults.json"
 
 
@@ -218,16 +218,10 @@ def pairs(result: dict, rates: dict, tolerance: float) -> list[tuple[dict, dict]
 def toxic_rates(path: Path = TUNING) -> dict:
     """``{(method, strength): (toxic rate, CI of its difference to unsteered, unsteered rate)}`` from the
     tuning rows with the method's own defaults (LinEAS: ``config == {}``; the last such row wins)."""
-    rates = {}
-    for line in open(path):
-        r = json.loads(line)
-        if r["config"] == "unsteered" or r.get("target") != "nontoxic":
-            continue
-        cfg = dict(r["config"])
-        method = cfg.pop("method", "lineas")
-        if not cfg:
-            rates[(method, r["strength"])] = (r["toxic_rate"], r["toxic_diff_ci"], r["toxic_rate"] * r["cut"])
-    return rates
+    from tune_lineas import nontoxic_rows
+
+    return {(method, r["strength"]): (r["toxic_rate"], r["toxic_diff_ci"], r["toxic_rate"] * r["cut"])
+            for r, method, cfg in nontoxic_rows(path) if not cfg}
 
 
 def render(result: dict, rates: dict) -> str:
