@@ -1,5 +1,6 @@
 """The tuning sweep's frontier plot (``benchmarks/tune_lineas.py --frontier``): which rows it draws, under which
-label, and that it writes a PNG (or refuses a file with nothing to draw)."""
+label, and that it writes a PNG (or refuses a file with nothing to draw); and the reader of the rows it shares with
+``benchmarks/utility_corpora.py``."""
 
 import json
 import sys
@@ -46,3 +47,15 @@ def test_frontier_writes_a_png_and_refuses_an_empty_file(tmp_path):
     empty.write_text(json.dumps({"config": "unsteered", "toxic_rate": 0.2}) + "\n")
     with pytest.raises(SystemExit, match="no nontoxic-target rows"):
         tune_lineas.frontier_points(str(empty))
+
+
+def test_nontoxic_rows_skip_other_tasks_and_name_methods_by_fit_or_display_name(tmp_path):
+    path = _rows(tmp_path)
+    rows = list(tune_lineas.nontoxic_rows(path))
+    assert len(rows) == 7  # the unsteered row and the wiki-target row are left out
+    assert [m for _, m, _ in rows] == ["lineas"] * 4 + ["mean_act"] * 2 + ["linear_act"]
+    assert [cfg for _, _, cfg in rows][:4] == [{}, {}, {"preserve": 1.0}, {"preserve": 0}]  # "method" popped
+    assert all("method" not in cfg for _, _, cfg in rows)
+    shown = [m for _, m, _ in tune_lineas.nontoxic_rows(path, display=True)]
+    assert shown == ["LinEAS"] * 4 + ["Mean-AcT"] * 2 + ["Linear-AcT"]
+    assert rows[4][0]["config"] == {"method": "mean_act"}  # the row itself keeps its settings
