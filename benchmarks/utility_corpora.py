@@ -57,7 +57,6 @@ POINTS = {  # method: strengths (each has a row with these settings in tuning_no
     "linear_act": (0.08, 0.12, 0.16),
 }
 NAMES = {"lineas": "LinEAS (defaults)", "mean_act": "Mean-AcT", "linear_act": "Linear-AcT"}
-METHOD_OF = {"LinEAS": "lineas", "Mean-AcT": "mean_act", "Linear-AcT": "linear_act"}  # second_task.py's names
 RESULTS = Path(__file__).parent / "results"
 TUNING = RESULTS / "tuning_nontoxic.jsonl"
 sys.path.insert(0, str(Path(__file__).parent))  # second_task.py (data folder, fit sets), tune_lineas.py (rows)
@@ -107,14 +106,22 @@ def fit_sets(task: str) -> tuple[list[str], list[str]]:
     return lf.data.load_texts("toxic"), lf.data.load_texts("nontoxic")
 
 
+def method_of() -> dict[str, str]:
+    """``lf.fit``'s method name of each row name ``second_task.py`` writes (the inverse of its ``NAMES``)."""
+    from second_task import NAMES as ROW_NAMES
+
+    return {label: method for method, label in ROW_NAMES.items()}
+
+
 def task_points(task: str) -> dict:
     """``{method: strengths}``: the points whose score the task's results already hold."""
     if task == "detox":
         return POINTS
     out: dict = {}
+    methods = method_of()
     for r in json.load(open(SECOND_TASK))["rows"]:
         if r["name"] != "unsteered":
-            out.setdefault(METHOD_OF[r["name"]], []).append(r["strength"])
+            out.setdefault(methods[r["name"]], []).append(r["strength"])
     return {m: tuple(sorted(v)) for m, v in out.items()}
 
 
@@ -127,7 +134,8 @@ def compound_scores(path: Path = SECOND_TASK) -> dict:
     """:func:`scores` of the second task: each row's mean compound score of ``second_task.py``'s results."""
     rows = json.load(open(path))["rows"]
     base = next(r["mean_compound"] for r in rows if r["name"] == "unsteered")
-    return {(METHOD_OF[r["name"]], r["strength"]): (r["mean_compound"], r["mean_compound_diff_ci"][1:], base)
+    methods = method_of()
+    return {(methods[r["name"]], r["strength"]): (r["mean_compound"], r["mean_compound_diff_ci"][1:], base)
             for r in rows if r["name"] != "unsteered"}
 
 
@@ -171,7 +179,7 @@ def change(result: dict, point: dict, corpus: str) -> float:
 
 def mean_change(result: dict, point: dict) -> float:
     """Geometric mean PPL ratio over the four corpora (not WikiText), minus 1."""
-    logs = [math.log(point["ppl"][c]["ppl"] / result["unsteered"][c]["ppl"]) for c in CORPORA]
+    logs = [math.log1p(change(result, point, c)) for c in CORPORA]
     return math.exp(sum(logs) / len(logs)) - 1
 
 
