@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import time
 
 import numpy as np
@@ -69,7 +70,7 @@ def main() -> None:
         fit_s = time.perf_counter() - t0
         if args.save:
             os.makedirs(args.save, exist_ok=True)
-            name = "_".join(f"{k}={v}" for k, v in cfg.items() if k != "sites") or "defaults"
+            name = settings_text({k: v for k, v in cfg.items() if k != "sites"}, "_") or "defaults"
             st.save(os.path.join(args.save, name.replace("/", "-") + ".safetensors"))
         for lam in [float(x) for x in args.strengths.split(",")]:
             with lf.steered(model, st, strength=lam):
@@ -78,7 +79,7 @@ def main() -> None:
             train = st.meta.get("train", {})
             row = {"config": cfg, "target": args.target, "strength": lam, "steps_run": train.get("steps_run"),
                    "step_s": round(float(np.median(train["step_seconds"])), 3) if train.get("step_seconds") else None, "fit_s": round(fit_s, 1), "nnz": st.nnz(),
-                   "active_sites": len(st.active_sites()), "first_loss": (train.get("loss") or [None])[0], "final_loss": (train.get("loss") or [None])[-1],
+                   "active_sites": len(st.active_sites()), "restarts": train.get("restarts", []), "first_loss": (train.get("loss") or [None])[0], "final_loss": (train.get("loss") or [None])[-1],
                    **_metrics(r), "cut": base["toxic_rate"] / max(r["toxic_rate"], 1e-9),
                    "ppl_change": r["ppl"] / base["ppl"] - 1, "toxic_diff_ci": [lo, hi],
                    "examples": r["texts"][:3]}
@@ -98,7 +99,7 @@ def render(path: str) -> str:
             continue
         cfg = dict(r["config"])
         method = cfg.pop("method", "lineas")
-        settings = ", ".join(f"{k}={v}" for k, v in cfg.items()) or "defaults"
+        settings = settings_text(cfg) or "defaults"
         ppl = f"{r['ppl']:.1f}" if r["ppl"] < 1e4 else f"{r['ppl']:.1e}"
         dppl = f"{100 * r['ppl_change']:+.1f}%" if r["ppl_change"] < 100 else "diverged"
         cut = f"{r['cut']:.2f}×" if r["cut"] < 100 else "∞"
@@ -108,6 +109,36 @@ def render(path: str) -> str:
                      f"{cut} | [{lo:+.3f}, {hi:+.3f}] | {r['degenerate_rate']:.3f} | {ppl} | {dppl} | {r['nnz']} | "
                      f"{r['fit_s']} | {'–' if step is None else step} |")
     return "\n".join(lines)
+
+
+def settings_text(cfg: dict, sep: str = ", ") -> str:
+    """``k=v`` of every setting, joined by ``sep``; an explicit list of sites in short (:func:`sites_text`)."""
+    return sep.join(f"{k}={sites_text(v) if k == 'sites' else v}" for k, v in cfg.items())
+
+
+def sites_text(sites) -> str:
+    """A preset as is; an explicit site list with the block indices taken out of each site and kept as ranges,
+    ``+`` between kinds: the 30 ``model.layers.{i}.self_attn.o_proj:in`` → ``self_attn.o_proj:in[0–29]``."""
+    if isinstance(sites, str):
+        return sites
+    blocks: dict = {}
+    for site in sites:
+        m = re.fullmatch(r".*?\.(\d+)\.(.+)", site)
+        name, index = (m.group(2), int(m.group(1))) if m else (site, None)
+        blocks.setdefault(name, [])
+        if index is not None:
+            blocks[name].append(index)
+    parts = []
+    for name, idx in blocks.items():
+        runs: list = []
+        for b in sorted(set(idx)):
+            if runs and b == runs[-1][1] + 1:
+                runs[-1][1] = b
+            else:
+                runs.append([b, b])
+        spans = ",".join(f"{a}" if a == b else f"{a}–{b}" for a, b in runs)
+        parts.append(f"{name}[{spans}]" if spans else name)
+    return "+".join(parts)
 
 
 def nontoxic_rows(path, display: bool = False):
@@ -135,7 +166,7 @@ def plot(path: str, png: str):
 
     groups: dict = {}
     for r, method, cfg in nontoxic_rows(path, display=True):
-        label = method + ("" if not cfg else " (" + ", ".join(f"{k}={v}" for k, v in cfg.items()) + ")")
+        label = method + ("" if not cfg else " (" + settings_text(cfg) + ")")
         groups.setdefault(label, {})[r["strength"]] = r
     curves = {k: v for k, v in groups.items() if len(v) >= 3}
     any_row = next(iter(next(iter(curves.values())).values()))

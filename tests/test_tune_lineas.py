@@ -59,3 +59,13 @@ def test_nontoxic_rows_skip_other_tasks_and_name_methods_by_fit_or_display_name(
     shown = [m for _, m, _ in tune_lineas.nontoxic_rows(path, display=True)]
     assert shown == ["LinEAS"] * 4 + ["Mean-AcT"] * 2 + ["Linear-AcT"]
     assert rows[4][0]["config"] == {"method": "mean_act"}  # the row itself keeps its settings
+
+
+def test_sites_text_shortens_explicit_site_lists_and_keeps_presets():
+    attn = [f"model.layers.{i}.self_attn.o_proj:in" for i in range(30)]
+    mlp = [f"model.layers.{i}.mlp.down_proj:in" for i in (0, 1, 2, 5, 7, 8)]
+    assert tune_lineas.sites_text("attn_out+mlp_out") == "attn_out+mlp_out"
+    assert tune_lineas.sites_text(attn) == "self_attn.o_proj:in[0–29]"
+    assert tune_lineas.sites_text(attn[:1] + mlp) == "self_attn.o_proj:in[0]+mlp.down_proj:in[0–2,5,7–8]"
+    assert tune_lineas.sites_text(["lm_head"]) == "lm_head"
+    assert tune_lineas.settings_text({"sites": attn, "lr": 0.001}) == "sites=self_attn.o_proj:in[0–29], lr=0.001"
