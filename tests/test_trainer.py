@@ -8,7 +8,8 @@ import torch
 
 import lineas_fast as lf
 from conftest import SOURCE, TARGET, make_model
-from lineas_fast.methods.trainer import Recipe, Targets, converged, train_maps
+from lineas_fast.errors import SteeringError
+from lineas_fast.methods.trainer import Recipe, Targets, converged, diverging, train_maps
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -75,6 +76,74 @@ def test_the_stopping_rule_stops_a_fit(tok):
     assert converged(train["loss"], 10, 0.05)
     full = fit(make_model("llama"), tok, steps=25, tol=0.0, window=10)
     assert full.meta["train"]["steps_run"] == 25 and not full.meta["train"]["stopped_early"]
+
+
+# ---------------------------------------------------------------- divergence guard
+def test_diverging_compares_whole_windows_with_the_identity_loss():
+    assert not diverging([10.0, 25.0, 25.0, 25.0], 5, 10.0)          # not a whole window yet
+    assert diverging([10.0, 25.0, 25.0, 25.0, 25.0], 5, 10.0)        # mean 22 > 2 × 10
+    assert not diverging([10.0, 25.0, 25.0, 25.0, 25.0], 5, 12.0)    # ... but not 2 × 12
+    assert not diverging([10.0, 19.0, 20.0, 21.0, 20.0], 5, 10.0)    # mean 18 ≤ 20: noisy, not diverging
+    assert not diverging([10.0] + [30.0] * 5, 5, 10.0)               # only at window boundaries
+    assert not diverging([10.0 - t for t in range(10)], 5, 10.0)     # falling
+
+
+def test_a_lucky_first_batch_is_not_read_as_divergence():
+    """The first step's loss is one mini-batch's: here the first batch happens to sit on the target (loss ~0)
+    and every later one far from it, while the maps barely move (lr 1e-6). The window's mean is far above the
+    first loss, but not above the identity's loss over several batches, which the guard checks before it
+    restarts anything: no restart, every step run."""
+    torch.manual_seed(0)
+    x, v = torch.randn(12, 3), torch.randn(4, 3)
+
+    class LuckyFirst(_Recorder):
+        def __call__(self, idx):
+            z, owner = super().__call__(idx)
+            if len(self.calls) == 1:  # the very first batch lands exactly on the target
+                return v * self.omega + self.shift, owner
+            return z + 3.0, owner
+
+    fwd = LuckyFirst(x)
+    recipe = Recipe(steps=10, lr=1e-6, batch_size=4, normalize=None, window=5, seed=3)
+    omega, shift, hist = train_maps(fwd, n_source=12, targets=Targets.from_counts(v, [1] * 4),
+                                    slices={"a": slice(0, 3)}, recipe=recipe, device=torch.device("cpu"),
+                                    progress=False)
+    assert hist["loss"][0] < 1e-3 and min(hist["loss"][1:]) > 1.0   # the first test alone would have fired
+    assert hist["restarts"] == [] and hist["steps_run"] == 10
+    assert fwd.calls[5:8] == [[0, 1, 2, 3], [4, 5, 6, 7], [8, 9, 10, 11]]  # the reference batches, after step 5
+
+
+def test_a_fit_that_converges_never_restarts(tok):
+    train = fit(make_model("llama"), tok, steps=20, window=5).meta["train"]
+    assert train["restarts"] == [] and train["steps_run"] == 20
+
+
+def test_a_diverging_fit_restarts_from_the_identity_at_a_tenth_of_the_lr(tok):
+    """lr = 1 throws the tiny model's norms far off (mean loss of the first 5 steps ~25 × the identity's); the
+    guard warns with the numbers, starts again at 0.1 and that fit ends well below the identity's loss."""
+    with pytest.warns(UserWarning, match=r"fit diverged at lr=1: the mean loss of steps 1–5 is .* over 2.0 × the "
+                                         r"identity map's .*restarting from the identity at lr=0.1"):
+        st = fit(make_model("llama"), tok, lr=1.0, steps=20, window=5)
+    train = st.meta["train"]
+    (event,) = train["restarts"]
+    assert event["after_steps"] == 5 and event["lr"] == 1.0 and event["new_lr"] == pytest.approx(0.1)
+    assert event["window_loss"] > 2 * event["identity_loss"]
+    assert train["steps_run"] == 20 and len(train["loss"]) == 20  # the history is the kept fit's
+    assert train["lr"][0] == pytest.approx(0.1)
+    assert train["loss"][0] == pytest.approx(event["identity_loss"])  # it restarted at the identity
+    assert train["loss"][-1] < 0.5 * train["loss"][0]
+
+
+def test_a_fit_that_keeps_diverging_raises_and_leaves_the_model_as_found(tok):
+    model = make_model("llama")
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    flags = [p.requires_grad for p in model.parameters()]
+    with pytest.warns(UserWarning, match="restarting"), \
+            pytest.raises(SteeringError, match=r"fit diverged at lr=0.3: .* after 2 restarts"):
+        fit(model, tok, lr=30.0, steps=20, window=5)
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    assert [p.requires_grad for p in model.parameters()] == flags
+    assert not any(m._forward_hooks or m._forward_pre_hooks for m in model.modules())
 
 
 # ---------------------------------------------------------------- relaxed-lasso refit

@@ -29,6 +29,19 @@ per step, trained to convergence. **Stopping rule**: after every ``window`` step
 windows, stop when the mean loss of the last window improved on the window before it by less than ``tol``
 (relative); ``tol=0`` always runs all ``steps``.
 
+**Divergence guard.** Every fit starts at the identity map, and a fit that works ends below the identity's
+loss. When a whole ``window`` of steps averages more than :data:`DIVERGED` (2) times the first step's loss, and
+also more than twice the identity's loss averaged over up to :data:`REFERENCE_BATCHES` mini-batches of the first
+source prompts (the first step's loss is one draw of a mini-batch; on SmolLM2's attention-head outputs the
+identity's loss of a 6 + 6-prompt batch ranges over 4.5× — so the confirmation is what keeps a lucky first
+batch from reading as divergence; it costs those forwards only when the first test fires), the steps are too
+large for this model's activations: Adam moves every entry by about ``lr`` per step, and a column whose spread
+is far below the median (those attention-head outputs: 1 % of columns under 1/20 of the median std) is thrown
+many of its own standard deviations at once. The fit then starts again from the identity at ``lr / 10`` (at
+most :data:`RESTARTS` times, each with a ``warnings.warn`` giving the numbers; the history keeps them under
+``"restarts"``) and raises :class:`SteeringError` if that diverges too. Fits that do not diverge are untouched
+(the rule only reads their losses). Off for the relaxed-lasso refit (it does not start at the identity).
+
 **Partial strengths** (``partial = p > 0``). At inference a map runs at any strength λ
 (``h' = (1−λ+λω)⊙h + λb``), but a map trained only at λ = 1 need not do anything useful at λ = 0.5: the
 sites' moves are fitted jointly to land together, and half of each need not land half-way. With
@@ -74,6 +87,11 @@ from ..losses import column_weights, paired_loss, quantile_levels, sorted_rows, 
 from .prox import prox_sparse_group, step_sizes
 
 SCHEDULES = ("cosine", "constant")
+# A window of steps whose mean loss is above DIVERGED times the identity's diverges: 2 is far above the spread of
+# the identity's loss over mini-batches, of which the first step's loss is one draw.
+DIVERGED = 2.0
+REFERENCE_BATCHES = 4  # mini-batches of the identity's loss that confirm a divergence the first step's loss suggests
+RESTARTS = 2  # restarts from the identity, each at a tenth of the learning rate, before a diverging fit is an error
 PRESERVE_LOSSES = ("paired", "wasserstein", "local")
 OPTIMIZERS = ("adam", "sgd")
 
@@ -178,6 +196,13 @@ def converged(losses: list[float], window: int, tol: float) -> bool:
     return (prev - cur) <= tol * abs(prev)
 
 
+def diverging(losses: list[float], window: int, identity: float) -> bool:
+    """The divergence rule: the last ``window`` losses average more than :data:`DIVERGED` times ``identity`` (the
+    identity map's loss). Checked only at whole windows."""
+    k = len(losses)
+    return k >= window and k % window == 0 and sum(losses[-window:]) / window > DIVERGED * identity
+
+
 @dataclass
 class Targets:
     """The unsteered target activations: ``v [rows, Σd]`` and, per target prompt, its rows (one row per
@@ -278,14 +303,16 @@ def train_maps(forward, *, n_source: int, targets: Targets, slices: dict, recipe
         return list(range(n)) if recipe.batch_size >= n else \
             torch.randperm(n, generator=gen)[:recipe.batch_size].tolist()
 
-    def run(n_steps: int, support: tuple | None, label: str) -> None:
-        """``n_steps`` steps of the loop; with ``support`` (masks of ω and b), the relaxed-lasso refit: no
-        penalty, and every entry outside the support is held at the identity."""
+    def run(n_steps: int, support: tuple | None, label: str, lr_scale: float = 1.0) -> bool:
+        """``n_steps`` steps of the loop at ``lr_scale`` times the recipe's learning rates; with ``support``
+        (masks of ω and b), the relaxed-lasso refit: no penalty, and every entry outside the support is held
+        at the identity. Returns whether it stopped because the fit diverges (:func:`diverging`)."""
         l1, group_l2 = (0.0, 0.0) if support is not None else (recipe.l1, recipe.group_l2)
+        guard = support is None
         bar = tqdm(range(n_steps), desc=label, disable=not progress)
         for step in bar:
             t_step = time.perf_counter()
-            lr = recipe.lr_at(step, n_steps)
+            lr = lr_scale * recipe.lr_at(step, n_steps)
             for g in opt.param_groups:
                 g["lr"] = lr
             lam = 1.0
@@ -347,11 +374,51 @@ def train_maps(forward, *, n_source: int, targets: Targets, slices: dict, recipe
             history["phase_seconds"].append({"forward": round(t_fwd - t_step, 4), "loss": round(t_loss - t_fwd, 4),
                                              "backward": round(t_bwd - t_loss, 4), "update": round(t_end - t_bwd, 4)})
             bar.set_postfix(loss=f"{history['loss'][-1]:.4g}", nnz=nnz, sites=active)
+            if guard and diverging(history["loss"], recipe.window, history["loss"][0]) \
+                    and diverging(history["loss"], recipe.window, identity_loss()):
+                bar.close()
+                return True
             if support is None and converged(history["loss"], recipe.window, recipe.tol):
                 break
+        return False
+
+    reference: list[float] = []
+
+    def identity_loss() -> float:
+        """The identity map's loss (transport only: the preservation term is 0 there) averaged over up to
+        :data:`REFERENCE_BATCHES` mini-batches of the first source prompts, in order; computed once."""
+        if not reference:
+            forward.bind(torch.ones_like(omega), torch.zeros_like(shift))
+            losses = []
+            with torch.no_grad():
+                for k in range(0, min(n_source, REFERENCE_BATCHES * recipe.batch_size), recipe.batch_size):
+                    z, _ = forward(list(range(k, min(k + recipe.batch_size, n_source))))
+                    losses.append(float(wasserstein_loss_to(z.float(), vt_sorted, weights)))
+            reference.append(sum(losses) / len(losses))
+        return reference[0]
 
     with forward:
-        run(recipe.steps, None, desc)
+        restarts, lr_scale = [], 1.0
+        while run(recipe.steps, None, desc, lr_scale):
+            losses = history["loss"]
+            event = {"after_steps": len(losses), "lr": recipe.lr * lr_scale, "identity_loss": identity_loss(),
+                     "first_loss": losses[0], "window_loss": sum(losses[-recipe.window:]) / recipe.window}
+            why = (f"{desc} fit diverged at lr={event['lr']:.3g}: the mean loss of steps "
+                   f"{len(losses) - recipe.window + 1}–{len(losses)} is {event['window_loss']:.4g}, over {DIVERGED} × "
+                   f"the identity map's {event['identity_loss']:.4g}")
+            if len(restarts) == RESTARTS:
+                raise SteeringError(f"{why}, after {RESTARTS} restarts at a tenth of the learning rate each "
+                                    f"(lower lr further, or check the sites' activations for columns of near-zero spread)")
+            lr_scale /= 10
+            restarts.append({**event, "new_lr": recipe.lr * lr_scale})
+            warnings.warn(f"{why}; restarting from the identity at lr={recipe.lr * lr_scale:.3g}", stacklevel=3)
+            with torch.no_grad():
+                omega.fill_(1.0)
+                shift.zero_()
+            opt = optimizer()
+            for key in history:
+                history[key] = []
+        history["restarts"] = restarts
         history["refit_from"] = None
         if recipe.refit_steps and recipe.sparse:
             # relaxed lasso: the penalty chose the support; refitting it without the penalty undoes the
@@ -359,7 +426,7 @@ def train_maps(forward, *, n_source: int, targets: Targets, slices: dict, recipe
             history["refit_from"] = len(history["loss"])
             support = (omega.detach() != 1, shift.detach() != 0)
             opt = optimizer()
-            run(recipe.refit_steps, support, desc + " refit")
+            run(recipe.refit_steps, support, desc + " refit", lr_scale)
     history["steps_run"] = len(history["loss"])
     history["stopped_early"] = (history["refit_from"] or history["steps_run"]) < recipe.steps
     history["shift_unit"] = unit
