@@ -17,7 +17,7 @@ from __future__ import annotations
 
 LINEAS = dict(sites="mlp_hidden", pooling="tokens", steps=80, lr=1e-2, schedule="cosine", lr_end=1e-3,
               betas=(0.9, 0.9), l1=0.0, group_l2=0.0, batch_size=6, normalize="var", optimizer="adam",
-              preserve=1.15, preserve_loss="paired", tol=0.0, window=20, refit_steps=0, partial=0.0, max_length=64, seed=0,
+              preserve=1.15, preserve_loss="paired", transport_last=1.0, tol=0.0, window=20, refit_steps=0, partial=0.0, max_length=64, seed=0,
               autocast=False, compile=False)
 
 METHOD_NAMES = ("lineas", "linear_act", "linear_act_incremental", "mean_act", "gaussian_ot", "actadd")

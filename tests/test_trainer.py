@@ -9,7 +9,7 @@ import torch
 import lineas_fast as lf
 from conftest import SOURCE, TARGET, make_model
 from lineas_fast.errors import SteeringError
-from lineas_fast.methods.trainer import Recipe, Targets, converged, diverging, train_maps
+from lineas_fast.methods.trainer import Recipe, Targets, converged, diverging, train_maps, transport_weights
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -76,6 +76,43 @@ def test_the_stopping_rule_stops_a_fit(tok):
     assert converged(train["loss"], 10, 0.05)
     full = fit(make_model("llama"), tok, steps=25, tol=0.0, window=10)
     assert full.meta["train"]["steps_run"] == 25 and not full.meta["train"]["stopped_early"]
+
+
+# ---------------------------------------------------------------- where the transport term looks
+def test_transport_weights_count_only_the_last_sites_scaled_to_keep_the_size():
+    slices = {f"s{i}": slice(2 * i, 2 * i + 2) for i in range(4)}
+    w = torch.arange(1.0, 9.0)
+    assert transport_weights(w, slices, 1.0, 8, "cpu") is w  # every site: the weights as they are
+    assert transport_weights(w, slices, 0.5, 8, "cpu").tolist() == [0, 0, 0, 0, 10, 12, 14, 16]  # last 2, × 4/2
+    assert transport_weights(w, slices, 0.1, 8, "cpu").tolist() == [0, 0, 0, 0, 0, 0, 28, 32]  # at least one, × 4
+    assert transport_weights(None, slices, 0.75, 8, "cpu").tolist() == pytest.approx([0, 0] + [4 / 3] * 6)
+    thirds = {f"s{i}": slice(i, i + 1) for i in range(30)}
+    assert int((transport_weights(None, thirds, 1 / 3, 30, "cpu") > 0).sum()) == 10  # 1/3 of 30 is 10, not 11
+
+
+def test_the_transport_term_sees_only_the_last_sites():
+    """Two sites; with ``transport_last=0.5`` moving the first site's source rows changes nothing in the
+    transport term (its columns do not count), and the second site's columns count twice."""
+    torch.manual_seed(0)
+    x = torch.randn(8, 4)  # 4 source prompts, 4 target prompts; sites a = columns 0–1, b = columns 2–3
+    v = x[4:] + 1.0
+    kw = dict(n_source=4, targets=Targets.from_counts(v, [1] * 4), slices={"a": slice(0, 2), "b": slice(2, 4)},
+              device=torch.device("cpu"), progress=False)
+    full = train_maps(_Recorder(x), recipe=Recipe(steps=1, lr=1e-3, batch_size=4, normalize=None), **kw)[2]
+    last = train_maps(_Recorder(x), recipe=Recipe(steps=1, lr=1e-3, batch_size=4, normalize=None,
+                                                  transport_last=0.5), **kw)[2]
+    only_b = train_maps(_Recorder(torch.cat([x[:, :2] * 0, x[:, 2:]], 1)),
+                        recipe=Recipe(steps=1, lr=1e-3, batch_size=4, normalize=None, transport_last=0.5), **kw)[2]
+    b_alone = train_maps(_Recorder(x[:, 2:]), recipe=Recipe(steps=1, lr=1e-3, batch_size=4, normalize=None),
+                         **{**kw, "targets": Targets.from_counts(v[:, 2:], [1] * 4), "slices": {"b": slice(0, 2)}})[2]
+    assert last["transport"][0] == pytest.approx(only_b["transport"][0])
+    assert last["transport"][0] == pytest.approx(2 * b_alone["transport"][0])
+    assert full["transport"][0] != pytest.approx(last["transport"][0])
+
+
+def test_a_fit_records_transport_last(tok):
+    st = fit(make_model("llama"), tok, steps=2, transport_last=0.5)
+    assert st.meta["hyperparams"]["transport_last"] == 0.5
 
 
 # ---------------------------------------------------------------- divergence guard
@@ -364,6 +401,7 @@ def test_preserve_under_compile_matches_eager(tok, preserve_loss):
     (dict(lr=math.inf), "lr"), (dict(batch_size=1), "batch_size"), (dict(steps=2.5), "steps"),
     (dict(refit_steps=-1), "refit_steps"), (dict(refit_steps=1.5), "refit_steps"),
     (dict(partial=1.5), "partial"), (dict(partial=-0.1), "partial"), (dict(partial=math.nan), "partial"),
+    (dict(transport_last=0.0), "transport_last"), (dict(transport_last=1.5), "transport_last"),
 ])
 def test_bad_recipe_options_are_named_before_anything_runs(tok, kw, name):
     model = make_model("llama")

@@ -52,6 +52,9 @@ def add_parser(sub, common, fmt) -> None:
                    help=f"LinEAS: how the preservation term measures the move of the target prompts' activations: "
                         f"per token (paired), as a distribution (wasserstein), or each map's own displacement "
                         f"without what upstream maps moved (local) [default: {D['preserve_loss']}]")
+    f.add_argument("--transport-last", type=float, default=None, metavar="S",
+                   help=f"LinEAS: the transport term matches the source to the target only at the last S of the sites "
+                        f"(a share in (0, 1]; the maps still act at every site) [default: {D['transport_last']}]")
     f.add_argument("--tol", type=float, default=None, metavar="T",
                    help=f"LinEAS stopping rule: stop when a window's mean loss improves by less than T "
                         f"(relative; 0: run every step) [default: {D['tol']}]")
@@ -152,7 +155,7 @@ def run(args) -> int:
     given = {"sites": sites_arg(args.sites), "pooling": args.pooling, "steps": args.steps, "lr": args.lr,
              "l1": args.l1, "group_l2": args.group_l2, "seed": args.seed, "normalize": args.normalize,
              "schedule": args.schedule, "lr_end": args.lr_end, "preserve": args.preserve,
-             "preserve_loss": args.preserve_loss, "tol": args.tol, "window": args.window,
+             "preserve_loss": args.preserve_loss, "transport_last": args.transport_last, "tol": args.tol, "window": args.window,
              "refit_steps": args.refit_steps, "partial": args.partial,
              "optimizer": args.optimizer, "batch_size": args.batch_size, "max_length": args.max_length,
              "support": args.support, "incremental": args.incremental or None, "multiplier": args.multiplier,

@@ -39,7 +39,9 @@ def fit(model, tok, source, target, method: str = "lineas", **kwargs):
             way: :mod:`lineas_fast.methods.trainer`), ``batch_size`` (prompts per step), ``normalize``
             (None|"var"), ``optimizer`` (adam|sgd), ``preserve`` (μ: weight of the term that keeps the target
             prompts' own activations in place) and ``preserve_loss`` (paired: per token; wasserstein: as a
-            distribution; local: each map's own move only), ``tol``/``window`` (the stopping rule,
+            distribution; local: each map's own move only), ``transport_last`` (the share of the sites, the
+            last ones, whose distributions the transport term matches; the maps still act at every site),
+            ``tol``/``window`` (the stopping rule,
             :func:`lineas_fast.methods.trainer.converged`),
             ``max_length``, ``seed``, ``progress``, ``fused`` (None: norm sites through the fused
             op where a native kernel exists), ``autocast`` (bf16 autocast of the forward; the maps, pooling

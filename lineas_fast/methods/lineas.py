@@ -138,7 +138,7 @@ def fit_lineas(model, tok, source, target, *, sites=DEFAULTS["sites"], pooling=D
                lr_end=DEFAULTS["lr_end"], betas=DEFAULTS["betas"], l1=DEFAULTS["l1"],
                group_l2=DEFAULTS["group_l2"], batch_size=DEFAULTS["batch_size"], normalize=DEFAULTS["normalize"],
                optimizer=DEFAULTS["optimizer"], preserve=DEFAULTS["preserve"],
-               preserve_loss=DEFAULTS["preserve_loss"], tol=DEFAULTS["tol"],
+               preserve_loss=DEFAULTS["preserve_loss"], transport_last=DEFAULTS["transport_last"], tol=DEFAULTS["tol"],
                window=DEFAULTS["window"], refit_steps=DEFAULTS["refit_steps"], partial=DEFAULTS["partial"],
                max_length=DEFAULTS["max_length"],
                seed=DEFAULTS["seed"], micro_batch: int = 8, fused: bool | None = None, autocast: bool = DEFAULTS["autocast"],
@@ -155,7 +155,7 @@ def fit_lineas(model, tok, source, target, *, sites=DEFAULTS["sites"], pooling=D
         raise SteeringError(f"pooling={pooling!r}: expected one of {POOLINGS}")
     recipe = Recipe(steps=steps, lr=lr, schedule=schedule, lr_end=lr_end, betas=tuple(betas) if isinstance(
         betas, (list, tuple)) else betas, optimizer=optimizer, batch_size=batch_size, l1=l1, group_l2=group_l2,
-        normalize=normalize, preserve=preserve, preserve_loss=preserve_loss, tol=tol, window=window,
+        normalize=normalize, preserve=preserve, preserve_loss=preserve_loss, transport_last=transport_last, tol=tol, window=window,
         refit_steps=refit_steps, partial=partial, seed=seed, autocast=autocast)
     recipe.validate()
     if isinstance(micro_batch, bool) or not isinstance(micro_batch, int) or micro_batch < 1:

@@ -29,6 +29,13 @@ per step, trained to convergence. **Stopping rule**: after every ``window`` step
 windows, stop when the mean loss of the last window improved on the window before it by less than ``tol``
 (relative); ``tol=0`` always runs all ``steps``.
 
+**Where the transport term looks** (``transport_last = s``): the maps act at every site, but the transport term
+counts only the last ``ceil(s · n)`` of the ``n`` sites (their columns × n / that count, so the term keeps its size
+against the preservation term, which still counts every site). The source then has to reach the target's
+distribution only where the model is about to write its output, and the maps upstream are free to get it
+there by whatever moves cost least, instead of also matching each early site's distribution (the prompts'
+wording) to the target's. ``s = 1`` counts every site (the reference recipe).
+
 **Divergence guard.** Every fit starts at the identity map, and a fit that works ends below the identity's
 loss. When a whole ``window`` of steps averages more than :data:`DIVERGED` (2) times the first step's loss, and
 also more than twice the identity's loss averaged over up to :data:`REFERENCE_BATCHES` mini-batches of the first
@@ -112,6 +119,7 @@ class Recipe:
     normalize: str | None = "var"
     preserve: float = 0.0
     preserve_loss: str = "wasserstein"
+    transport_last: float = 1.0
     tol: float = 0.0
     window: int = 20
     refit_steps: int = 0
@@ -150,6 +158,8 @@ class Recipe:
         number("preserve", lambda v: v >= 0, "expected a finite number >= 0")
         if self.preserve_loss not in PRESERVE_LOSSES:
             bad("preserve_loss", f"expected one of {PRESERVE_LOSSES}")
+        number("transport_last", lambda v: 0 < v <= 1,
+               "expected the share of the sites (the last ones) the transport term counts, in (0, 1]")
         number("tol", lambda v: v >= 0, "expected a finite number >= 0 (0: no early stop)")
         if isinstance(self.window, bool) or not isinstance(self.window, int) or self.window < 1:
             bad("window", "expected an integer >= 1")
@@ -279,6 +289,7 @@ def train_maps(forward, *, n_source: int, targets: Targets, slices: dict, recipe
     vt_sorted = sorted_rows(v)  # [Σd, rows]: transposed and sorted once
     weights = column_weights(v, recipe.normalize)
     width = v.shape[1]
+    t_weights = transport_weights(weights, slices, recipe.transport_last, width, device)
     ends = None
     if recipe.partial > 0:  # both ends of the interpolation at common quantile levels, sorted
         s_sorted = sorted_rows(source.to(device).float())
@@ -336,7 +347,7 @@ def train_maps(forward, *, n_source: int, targets: Targets, slices: dict, recipe
                                     f"(lower lr={recipe.lr} or check the model)")
             t_fwd = time.perf_counter()
             is_src = owner < n_source
-            transport = wasserstein_loss_to(z[is_src], goal, weights)
+            transport = wasserstein_loss_to(z[is_src], goal, t_weights)
             loss = transport
             if tgt:
                 if recipe.preserve_loss == "local":  # needs no unsteered reference: the rows carry their input
@@ -393,7 +404,7 @@ def train_maps(forward, *, n_source: int, targets: Targets, slices: dict, recipe
             with torch.no_grad():
                 for k in range(0, min(n_source, REFERENCE_BATCHES * recipe.batch_size), recipe.batch_size):
                     z, _ = forward(list(range(k, min(k + recipe.batch_size, n_source))))
-                    losses.append(float(wasserstein_loss_to(z.float(), vt_sorted, weights)))
+                    losses.append(float(wasserstein_loss_to(z.float(), vt_sorted, t_weights)))
             reference.append(sum(losses) / len(losses))
         return reference[0]
 
@@ -433,6 +444,21 @@ def train_maps(forward, *, n_source: int, targets: Targets, slices: dict, recipe
     b = unit * shift.detach()
     warn_if_inert(omega.detach(), b, groups, recipe)
     return omega.detach(), b, history
+
+
+def transport_weights(weights: torch.Tensor | None, slices: dict, share: float, width: int,
+                      device) -> torch.Tensor | None:
+    """The transport term's column weights with only the last ``ceil(share · n)`` of the ``n`` sites (in the fit's
+    site order) counted, each × n / that count so the term keeps its size against the preservation term;
+    ``share = 1``: ``weights`` unchanged (every site)."""
+    if share >= 1:
+        return weights
+    spans = list(slices.values())
+    keep = max(1, math.ceil(share * len(spans) - 1e-9))
+    mask = torch.zeros(width, device=device)
+    for sl in spans[len(spans) - keep:]:
+        mask[sl] = len(spans) / keep
+    return mask if weights is None else weights * mask
 
 
 def local_move(z: torch.Tensor, omega: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
