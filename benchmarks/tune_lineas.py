@@ -180,10 +180,17 @@ def plot(path: str, png: str):
                                   zoom=1.15)
 
 
+DEFAULT_CONFIGS = {"library defaults": {"transport_last": 0.3333, "preserve": 2},
+                   "defaults until 2026-12-05": {}}
+"""Row configs that are a set of library defaults: the current ones (measured with both settings named, so the
+rows stay true when the defaults move) and the previous ones (measured as ``{}`` while they were the defaults)."""
+
+
 def frontier_points(path: str, max_change: float = 0.25) -> tuple[dict, float]:
     """``({label: [(ΔPPL %, toxic rate), ...]}, unsteered toxic rate)`` of every nontoxic-target row of a results
     JSONL at λ ≤ 1 and ΔPPL ≤ ``max_change``. Labels: the method's display name; LinEAS rows split into
-    ``"LinEAS (library defaults)"`` (``config == {}``) and ``"LinEAS (any settings)"``."""
+    ``"LinEAS (library defaults)"``, ``"LinEAS (defaults until 2026-12-05)"`` (:data:`DEFAULT_CONFIGS`) and
+    ``"LinEAS (any settings)"``."""
     groups: dict = {}
     base_rate = None
     for r, label, cfg in nontoxic_rows(path, display=True):
@@ -191,7 +198,7 @@ def frontier_points(path: str, max_change: float = 0.25) -> tuple[dict, float]:
         if r["strength"] > 1 or r["ppl_change"] > max_change:
             continue
         if label == "LinEAS":
-            label += " (library defaults)" if not cfg else " (any settings)"
+            label += next((f" ({name})" for name, c in DEFAULT_CONFIGS.items() if cfg == c), " (any settings)")
         groups.setdefault(label, []).append((100 * r["ppl_change"], r["toxic_rate"]))
     if base_rate is None:
         raise SystemExit(f"{path}: no nontoxic-target rows to draw")
@@ -206,6 +213,7 @@ def frontier(path: str, png: str, max_change: float = 0.25) -> str:
     groups, base_rate = frontier_points(path, max_change)
     style = {"LinEAS (any settings)": dict(color="C0", marker="o", s=14, alpha=0.45),
              "LinEAS (library defaults)": dict(color="C3", marker="*", s=120, zorder=4),
+             "LinEAS (defaults until 2026-12-05)": dict(color="C4", marker="P", s=60, zorder=4),
              "Mean-AcT": dict(color="C1", marker="s", s=36, zorder=3),
              "Linear-AcT": dict(color="C2", marker="^", s=40, zorder=3)}
     fig = Figure(figsize=(8, 5.5), dpi=120, layout="constrained")

@@ -21,6 +21,7 @@ def _rows(tmp_path) -> Path:
 
     rows = [{"config": "unsteered", "toxic_rate": 0.2},
             row({}, 1.0, 0.07, 0.096), row({}, 0.5, 0.16, 0.015),
+            row({"transport_last": 0.3333, "preserve": 2}, 1.0, 0.037, 0.079),
             row({"preserve": 1.0}, 1.0, 0.06, 0.14),
             row({"preserve": 0}, 1.0, 0.05, 0.9),  # past max_change: left out
             row({"method": "mean_act"}, 0.25, 0.07, 0.14), row({"method": "mean_act"}, 2.0, 0.01, 0.2),  # λ > 1: out
@@ -34,7 +35,8 @@ def _rows(tmp_path) -> Path:
 def test_frontier_points_groups_rows_by_method_and_keeps_the_drawn_range(tmp_path):
     groups, base = tune_lineas.frontier_points(str(_rows(tmp_path)))
     assert base == pytest.approx(0.2)
-    assert groups == {"LinEAS (library defaults)": [(pytest.approx(9.6), 0.07), (pytest.approx(1.5), 0.16)],
+    assert groups == {"LinEAS (defaults until 2026-12-05)": [(pytest.approx(9.6), 0.07), (pytest.approx(1.5), 0.16)],
+                      "LinEAS (library defaults)": [(pytest.approx(7.9), 0.037)],
                       "LinEAS (any settings)": [(pytest.approx(14.0), 0.06)],
                       "Mean-AcT": [(pytest.approx(14.0), 0.07)], "Linear-AcT": [(pytest.approx(5.0), 0.12)]}
 
@@ -52,13 +54,14 @@ def test_frontier_writes_a_png_and_refuses_an_empty_file(tmp_path):
 def test_nontoxic_rows_skip_other_tasks_and_name_methods_by_fit_or_display_name(tmp_path):
     path = _rows(tmp_path)
     rows = list(tune_lineas.nontoxic_rows(path))
-    assert len(rows) == 7  # the unsteered row and the wiki-target row are left out
-    assert [m for _, m, _ in rows] == ["lineas"] * 4 + ["mean_act"] * 2 + ["linear_act"]
-    assert [cfg for _, _, cfg in rows][:4] == [{}, {}, {"preserve": 1.0}, {"preserve": 0}]  # "method" popped
+    assert len(rows) == 8  # the unsteered row and the wiki-target row are left out
+    assert [m for _, m, _ in rows] == ["lineas"] * 5 + ["mean_act"] * 2 + ["linear_act"]
+    assert [cfg for _, _, cfg in rows][:5] == [{}, {}, {"transport_last": 0.3333, "preserve": 2}, {"preserve": 1.0},
+                                               {"preserve": 0}]  # "method" popped
     assert all("method" not in cfg for _, _, cfg in rows)
     shown = [m for _, m, _ in tune_lineas.nontoxic_rows(path, display=True)]
-    assert shown == ["LinEAS"] * 4 + ["Mean-AcT"] * 2 + ["Linear-AcT"]
-    assert rows[4][0]["config"] == {"method": "mean_act"}  # the row itself keeps its settings
+    assert shown == ["LinEAS"] * 5 + ["Mean-AcT"] * 2 + ["Linear-AcT"]
+    assert rows[5][0]["config"] == {"method": "mean_act"}  # the row itself keeps its settings
 
 
 def test_sites_text_shortens_explicit_site_lists_and_keeps_presets():
