@@ -40,7 +40,7 @@ wording) to the target's. ``s = 1`` counts every site (the reference recipe).
 loss. When a whole ``window`` of steps averages more than :data:`DIVERGED` (2) times the first step's loss, and
 also more than twice the identity's loss averaged over up to :data:`REFERENCE_BATCHES` mini-batches of the first
 source prompts (the first step's loss is one draw of a mini-batch; on SmolLM2's attention-head outputs the
-identity's loss of a 6 + 6-prompt batch ranges over 4.5× — so the confirmation is what keeps a lucky first
+identity's loss over 6-prompt batches ranges over 4.5× — so the confirmation is what keeps a lucky first
 batch from reading as divergence; it costs those forwards only when the first test fires), the steps are too
 large for this model's activations: Adam moves every entry by about ``lr`` per step, and a column whose spread
 is far below the median (those attention-head outputs: 1 % of columns under 1/20 of the median std) is thrown
