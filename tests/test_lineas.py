@@ -12,7 +12,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 # explicit mechanics-test settings (the library defaults are tuned for the real model, see docs/tuning.md)
 FAST = dict(steps=12, lr=1e-2, l1=0.0, normalize=None, pooling="mean", sites="norms", preserve=0.0, batch_size=32,
-            progress=False)
+            transport_last=1.0, progress=False)
 
 
 def fit(model, tok, **kw):
@@ -58,6 +58,27 @@ def test_fitted_steering_moves_sources_toward_targets(tok):
         after = dist()
     assert after < 0.6 * before
     assert before == pytest.approx(st.meta["train"]["loss"][0], rel=1e-4)  # step 0 sees the identity maps
+
+
+def test_transport_last_moves_the_last_sites_toward_targets(tok):
+    """With ``transport_last=0.5`` the fit's first loss is the last half of the sites' distance × 2 (the weight that
+    keeps the term's size), and it is those sites that end up closer to the targets."""
+    from lineas_fast.losses import wasserstein_loss
+
+    model = make_model("llama")
+    st = fit(model, tok, steps=30, transport_last=0.5)
+    last = st.sites[len(st.sites) // 2:]
+    v = lf.collect(model, tok, TARGET, last)
+
+    def dist():
+        z = lf.collect(model, tok, SOURCE, last, max_length=64)
+        return float(sum(wasserstein_loss(z[s], torch.sort(v[s], 0).values) for s in last))
+
+    before = dist()
+    with lf.steered(model, st, mode="hooks"):
+        after = dist()
+    assert after < 0.6 * before
+    assert 2 * before == pytest.approx(st.meta["train"]["loss"][0], rel=1e-4)
 
 
 @pytest.mark.parametrize("kw", [dict(pooling="tokens"), dict(pooling="last"), dict(normalize="var"),
