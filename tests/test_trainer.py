@@ -82,12 +82,12 @@ def test_the_stopping_rule_stops_a_fit(tok):
 def test_transport_weights_count_only_the_last_sites_scaled_to_keep_the_size():
     slices = {f"s{i}": slice(2 * i, 2 * i + 2) for i in range(4)}
     w = torch.arange(1.0, 9.0)
-    assert transport_weights(w, slices, 1.0, 8, "cpu") is w  # every site: the weights as they are
-    assert transport_weights(w, slices, 0.5, 8, "cpu").tolist() == [0, 0, 0, 0, 10, 12, 14, 16]  # last 2, × 4/2
-    assert transport_weights(w, slices, 0.1, 8, "cpu").tolist() == [0, 0, 0, 0, 0, 0, 28, 32]  # at least one, × 4
-    assert transport_weights(None, slices, 0.75, 8, "cpu").tolist() == pytest.approx([0, 0] + [4 / 3] * 6)
+    assert transport_weights(w, slices, 1.0, "cpu") is w  # every site: the weights as they are
+    assert transport_weights(w, slices, 0.5, "cpu").tolist() == [0, 0, 0, 0, 10, 12, 14, 16]  # last 2, × 4/2
+    assert transport_weights(w, slices, 0.1, "cpu").tolist() == [0, 0, 0, 0, 0, 0, 28, 32]  # at least one, × 4
+    assert transport_weights(None, slices, 0.75, "cpu").tolist() == pytest.approx([0, 0] + [4 / 3] * 6)
     thirds = {f"s{i}": slice(i, i + 1) for i in range(30)}
-    assert int((transport_weights(None, thirds, 1 / 3, 30, "cpu") > 0).sum()) == 10  # 1/3 of 30 is 10, not 11
+    assert int((transport_weights(None, thirds, 1 / 3, "cpu") > 0).sum()) == 10  # 1/3 of 30 is 10, not 11
 
 
 def test_the_transport_term_sees_only_the_last_sites():

@@ -289,7 +289,7 @@ def train_maps(forward, *, n_source: int, targets: Targets, slices: dict, recipe
     vt_sorted = sorted_rows(v)  # [Σd, rows]: transposed and sorted once
     weights = column_weights(v, recipe.normalize)
     width = v.shape[1]
-    t_weights = transport_weights(weights, slices, recipe.transport_last, width, device)
+    t_weights = transport_weights(weights, slices, recipe.transport_last, device)
     ends = None
     if recipe.partial > 0:  # both ends of the interpolation at common quantile levels, sorted
         s_sorted = sorted_rows(source.to(device).float())
@@ -446,8 +446,7 @@ def train_maps(forward, *, n_source: int, targets: Targets, slices: dict, recipe
     return omega.detach(), b, history
 
 
-def transport_weights(weights: torch.Tensor | None, slices: dict, share: float, width: int,
-                      device) -> torch.Tensor | None:
+def transport_weights(weights: torch.Tensor | None, slices: dict, share: float, device) -> torch.Tensor | None:
     """The transport term's column weights with only the last ``ceil(share · n)`` of the ``n`` sites (in the fit's
     site order) counted, each × n / that count so the term keeps its size against the preservation term;
     ``share = 1``: ``weights`` unchanged (every site)."""
@@ -455,7 +454,7 @@ def transport_weights(weights: torch.Tensor | None, slices: dict, share: float, 
         return weights
     spans = list(slices.values())
     keep = max(1, math.ceil(share * len(spans) - 1e-9))
-    mask = torch.zeros(width, device=device)
+    mask = torch.zeros(max(sl.stop for sl in spans), device=device)
     for sl in spans[len(spans) - keep:]:
         mask[sl] = len(spans) / keep
     return mask if weights is None else weights * mask
