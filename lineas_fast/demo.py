@@ -144,7 +144,8 @@ def run_demo(out: str | Path = "./demo_out", *, prompts: int | None = None, step
                                  f"{len(eval_prompts)})")
 
     total = time.perf_counter() - t_start
-    timings = {"load_model": t_loaded - t_start, "fit": fit_wall, "evaluate": eval_wall, "total": total}
+    timings = {"load_model": t_loaded - t_start, "fit": fit_wall, "evaluate": eval_wall, "total": total,
+               **{f"evaluate_{k}": v["seconds"] for k, v in res["phases"].items()}}
     slim = {k: v for k, v in res.items() if k not in ("curves", "matched", "unsteered", "lead", "curve_unsteered")}
     results = {
         "library_version": lf.__version__, "quick": bool(quick), "model": DEFAULT_MODEL,
@@ -174,8 +175,11 @@ def run_demo(out: str | Path = "./demo_out", *, prompts: int | None = None, step
     (out / "table.md").write_text("\n".join(md), encoding="utf-8")
     say(f"\nsaved {out / 'detox.safetensors'}, {out / 'loss_curve.png'}, {out / 'tradeoff.png'}, "
         f"{out / 'results.json'}, {out / 'table.md'}")
-    say(f"timings: load {timings['load_model']:.1f} s, fit {fit_wall:.1f} s, evaluate {eval_wall:.1f} s; "
-        f"total wall time {total:.1f} s")
+    ph = res["phases"]
+    say(f"timings: load {timings['load_model']:.1f} s, fit {fit_wall:.1f} s, evaluate {eval_wall:.1f} s "
+        f"(passage PPL {ph['perplexity']['seconds']:.0f} s for {ph['perplexity']['count']} passes, continuations "
+        f"{ph['generate']['seconds']:.0f} s for {ph['generate']['count']} prompts, fluency "
+        f"{ph['fluency']['seconds']:.0f} s for {ph['fluency']['count']} sets); total wall time {total:.1f} s")
     return results
 
 

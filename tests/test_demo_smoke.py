@@ -26,7 +26,7 @@ def test_demo_quick(tmp_path, capsys):
     assert "toxic rate" in out and "passage PPL" in out and "fluency" in out and "nnz" in out
     assert "\nunsteered " in out and "\nLinEAS (λ=1) " in out
     assert out.count("[1] prompt:") == 1 and "[3] prompt:" in out
-    assert "total wall time" in out
+    assert "total wall time" in out and "passage PPL" in out.split("timings:")[-1]
 
     # the artifacts
     st = lf.Steering.load(tmp_path / "detox.safetensors")
@@ -35,6 +35,8 @@ def test_demo_quick(tmp_path, capsys):
     assert "| unsteered |" in (tmp_path / "table.md").read_text()
     res = json.loads((tmp_path / "results.json").read_text())
     assert len(res["fit"]["train"]["loss"]) == 3 and res["eval"]["prompts"] == 8
+    split = sum(res["timings"][f"evaluate_{k}"] for k in ("perplexity", "generate", "fluency"))
+    assert 0 < split <= res["timings"]["evaluate"]  # where the evaluation's time went
     base, steered = res["results"]["unsteered"]["texts"], res["results"]["lineas"]["texts"]
     assert len(base) == len(steered) == 8
 

@@ -107,6 +107,12 @@ def test_side_by_side_on_a_tiny_model(tok, monkeypatch):
     # 3 curve points, the matched point; one fluency pass, for the 2 steered table rows together (the
     # unsteered row's comes from its own greedy logits)
     assert counts["gen"] == 2 + 3 + 1 and counts["fluency"] == 1
+    # the time split counts the same work: PPL passes, prompts generated, continuation sets scored
+    phases = res["phases"]
+    assert phases["perplexity"]["count"] == counts["ppl"]
+    assert phases["generate"]["count"] == 4 + 4 + 3 * 2 + 4 and phases["fluency"]["count"] == 2
+    assert all(v["seconds"] > 0 for v in phases.values())
+    assert sum(v["seconds"] for v in phases.values()) <= res["seconds"]
     assert res["unsteered"]["fluency"] == pytest.approx(
         lf.evaluate.fluency(model, tok, prompts, [list(map(int, t)) for t in _ids(model, tok, prompts)]), rel=1e-4)
     for row in (res["lead"], res["matched"]["base"]):  # what a pass of their own would measure
