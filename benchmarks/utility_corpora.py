@@ -29,6 +29,8 @@ Usage:
     python benchmarks/utility_corpora.py --render benchmarks/results/utility_corpora.json \
         [--plot docs/img/utility_corpora.png]
     python benchmarks/utility_corpora.py --task siqa --threads 2 --out benchmarks/results/utility_corpora_siqa.json
+    python benchmarks/utility_corpora.py --threads 2 --methods lineas --merge benchmarks/results/utility_corpora.json \
+        --out NEW.json   # refit LinEAS only; the baselines' points come from the earlier file (checked: same texts)
 """
 
 from __future__ import annotations
@@ -57,6 +59,10 @@ POINTS = {  # method: strengths (each has a row with these settings in tuning_no
     "linear_act": (0.08, 0.12, 0.16),
 }
 NAMES = {"lineas": "LinEAS (defaults)", "mean_act": "Mean-AcT", "linear_act": "Linear-AcT"}
+# The settings that name today's LinEAS defaults in the tuning rows: those rows were measured as overrides while the
+# library defaults were still transport_last=1, preserve=1.15 (whose rows have no settings). A measurement records the
+# ones it used (``lineas_rows``), so that a file measured with the earlier defaults still reads its own rows.
+LINEAS_ROWS = {"transport_last": 0.3333, "preserve": 2}
 RESULTS = Path(__file__).parent / "results"
 TUNING = RESULTS / "tuning_nontoxic.jsonl"
 sys.path.insert(0, str(Path(__file__).parent))  # second_task.py (data folder, fit sets), tune_lineas.py (rows)
@@ -125,9 +131,10 @@ def task_points(task: str) -> dict:
     return {m: tuple(sorted(v)) for m, v in out.items()}
 
 
-def scores(task: str, path: Path | None = None) -> dict:
-    """``{(method, strength): (score, CI of its difference to unsteered, unsteered score)}`` of the task."""
-    return toxic_rates(path or TUNING) if task == "detox" else compound_scores(path or SECOND_TASK)
+def scores(task: str, path: Path | None = None, lineas_rows: dict | None = None) -> dict:
+    """``{(method, strength): (score, CI of its difference to unsteered, unsteered score)}`` of the task
+    (``lineas_rows``: see :func:`toxic_rates`)."""
+    return toxic_rates(path or TUNING, lineas_rows) if task == "detox" else compound_scores(path or SECOND_TASK)
 
 
 def compound_scores(path: Path = SECOND_TASK) -> dict:
@@ -139,7 +146,10 @@ def compound_scores(path: Path = SECOND_TASK) -> dict:
             for r in rows if r["name"] != "unsteered"}
 
 
-def measure(threads: int | None, task: str = "detox") -> dict:
+def measure(threads: int | None, task: str = "detox", methods=None, merge: dict | None = None) -> dict:
+    """Fit each of ``methods`` (default: every method of the task's points) on the task's fit sets and measure
+    the perplexity of every corpus at each of its strengths. ``merge``: an earlier result of the same task whose
+    points of the other methods are kept (its unsteered perplexities must equal this run's: the same texts)."""
     import lineas_fast as lf
     from lineas_fast import evaluate as E
     from lineas_fast.data import wiki_passages
@@ -158,7 +168,15 @@ def measure(threads: int | None, task: str = "detox") -> dict:
         return out
 
     result = {"task": task, "unsteered": ppl(), "points": []}
-    for method, strengths in task_points(task).items():
+    points = task_points(task)
+    methods = list(methods or points)
+    if unknown := [m for m in methods if m not in points]:
+        raise SystemExit(f"--methods {','.join(unknown)}: the {task} task has points for {', '.join(points)}")
+    if task == "detox" and "lineas" in methods:
+        result["lineas_rows"] = LINEAS_ROWS
+    if merge is not None:
+        result = merged(result, merge, methods)
+    for method, strengths in ((m, points[m]) for m in methods):
         t0 = time.perf_counter()
         st = lf.fit(model, tok, src, tgt, method=method, progress=False)
         print(f"{method}: fitted in {time.perf_counter() - t0:.0f} s", flush=True)
@@ -167,7 +185,28 @@ def measure(threads: int | None, task: str = "detox") -> dict:
                 point = {"method": method, "strength": lam, "ppl": ppl()}
             result["points"].append(point)
             print(json.dumps(point), flush=True)
+    order = list(points)
+    result["points"].sort(key=lambda p: (order.index(p["method"]) if p["method"] in order else len(order),
+                                         p["strength"]))
     return result
+
+
+def merged(result: dict, earlier: dict, methods) -> dict:
+    """``result`` plus ``earlier``'s points of the methods not in ``methods`` (and the LinEAS rows it read,
+    when LinEAS is not refitted). Refuses an earlier result of another task, or whose unsteered perplexities
+    differ from this run's (other texts or another model)."""
+    task = result.get("task", "detox")
+    if earlier.get("task", "detox") != task:
+        raise SystemExit(f"--merge: a {earlier.get('task', 'detox')} result, not {task}")
+    for corpus, value in result["unsteered"].items():
+        there = earlier["unsteered"].get(corpus, {}).get("ppl", float("nan"))
+        if not math.isclose(value["ppl"], there, rel_tol=1e-5):
+            raise SystemExit(f"--merge: unsteered PPL on {corpus} differs ({value['ppl']:.4f} here, {there:.4f} "
+                             "there): not the same texts or model")
+    out = dict(result, points=result["points"] + [p for p in earlier["points"] if p["method"] not in methods])
+    if "lineas" not in methods and "lineas_rows" in earlier:
+        out["lineas_rows"] = earlier["lineas_rows"]
+    return out
 
 
 N_BOOT = 2000
@@ -223,13 +262,15 @@ def pairs(result: dict, rates: dict, tolerance: float) -> list[tuple[dict, dict]
     return out
 
 
-def toxic_rates(path: Path = TUNING) -> dict:
+def toxic_rates(path: Path = TUNING, lineas_rows: dict | None = None) -> dict:
     """``{(method, strength): (toxic rate, CI of its difference to unsteered, unsteered rate)}`` from the
-    tuning rows with the method's own defaults (LinEAS: ``config == {}``; the last such row wins)."""
+    tuning rows with the method's own defaults — for LinEAS the rows whose settings are ``lineas_rows`` (default
+    none: the defaults until 2026-12-05; :data:`LINEAS_ROWS` names today's); the last such row wins."""
     from tune_lineas import nontoxic_rows
 
+    want = {"lineas": dict(lineas_rows or {})}
     return {(method, r["strength"]): (r["toxic_rate"], r["toxic_diff_ci"], r["toxic_rate"] * r["cut"])
-            for r, method, cfg in nontoxic_rows(path) if not cfg}
+            for r, method, cfg in nontoxic_rows(path) if cfg == want.get(method, {})}
 
 
 def render(result: dict, rates: dict) -> str:
@@ -299,19 +340,22 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     ap.add_argument("--render", metavar="JSON", help="print a measured file as a markdown table and exit")
     ap.add_argument("--plot", metavar="PNG", help="with --render: also draw the two panels")
+    ap.add_argument("--methods", help="comma-separated methods to fit and measure (default: all of the task's)")
+    ap.add_argument("--merge", metavar="JSON", help="an earlier result: keep its points of the other methods")
     args = ap.parse_args()
     if args.render:
         result = json.load(open(args.render))
-        rates = scores(result.get("task", "detox"))
+        rates = scores(result.get("task", "detox"), lineas_rows=result.get("lineas_rows"))
         print(render(result, rates))
         if args.plot:
             print(plot(result, rates, args.plot))
         return
     if not args.out:
         ap.error("--out is required (unless --render)")
-    result = measure(args.threads, args.task)
+    merge = json.load(open(args.merge)) if args.merge else None
+    result = measure(args.threads, args.task, args.methods.split(",") if args.methods else None, merge)
     Path(args.out).write_text(json.dumps(result) + "\n")  # one line: it holds every text's NLL
-    print(render(result, scores(args.task)))
+    print(render(result, scores(args.task, lineas_rows=result.get("lineas_rows"))))
 
 
 if __name__ == "__main__":

@@ -122,3 +122,33 @@ def test_the_second_task_reads_its_points_and_scores_from_its_results(tmp_path):
     assert "| method | λ | mean compound |" in table and "| LinEAS (defaults) | 1 | +0.060 |" in table
     assert "| 1 (+0.060) | Mean-AcT 0.25 (+0.070) |" in table  # within the task's tolerance (0.02)
     assert set(uc.task_points("siqa")) == {"lineas", "mean_act", "linear_act"}  # the committed results file
+
+
+def test_today_s_lineas_rows_are_read_when_a_result_names_them(tmp_path):
+    """A result measured with today's defaults reads the LinEAS rows that name them; one without the key (measured
+    with the earlier defaults) still reads the rows without settings."""
+    path = _tuning(tmp_path)
+    rows = [json.loads(line) for line in path.read_text().splitlines()]
+    rows.append({"config": dict(uc.LINEAS_ROWS), "target": "nontoxic", "strength": 1.0, "toxic_rate": 0.04,
+                 "cut": 5.5, "toxic_diff_ci": [-0.18, -0.23, -0.13], "ppl_change": 0.08, "ppl": 79.0})
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    assert uc.scores("detox", path)[("lineas", 1.0)][0] == 0.07
+    today = uc.scores("detox", path, lineas_rows=uc.LINEAS_ROWS)
+    assert today[("lineas", 1.0)][0] == 0.04 and today[("mean_act", 0.25)][0] == 0.07  # baselines: their defaults
+    assert uc.scores("detox", path, lineas_rows={"preserve": 1.0})[("lineas", 1.0)][0] == 0.06
+
+
+def test_merge_keeps_the_other_methods_points_and_refuses_other_texts():
+    earlier = _result()
+    earlier["lineas_rows"] = {"preserve": 1.0}
+    fresh = {"task": "detox", "unsteered": earlier["unsteered"], "points": [], "lineas_rows": uc.LINEAS_ROWS}
+    out = uc.merged(fresh, earlier, ["lineas"])
+    assert [p["method"] for p in out["points"]] == [p["method"] for p in earlier["points"] if p["method"] != "lineas"]
+    assert out["lineas_rows"] == uc.LINEAS_ROWS and fresh["points"] == []  # the fresh result is not changed
+    assert uc.merged(dict(fresh, lineas_rows=None), earlier, ["mean_act"])["lineas_rows"] == {"preserve": 1.0}
+    other = json.loads(json.dumps(earlier))
+    other["unsteered"]["wikitext"]["ppl"] *= 1.01
+    with pytest.raises(SystemExit, match="unsteered PPL on wikitext differs"):
+        uc.merged(fresh, other, ["lineas"])
+    with pytest.raises(SystemExit, match="siqa result"):
+        uc.merged(fresh, dict(earlier, task="siqa"), ["lineas"])
