@@ -304,6 +304,7 @@ def plot(result: dict, rates: dict, png: str) -> str:
     fig = Figure(figsize=(11, 4.6), dpi=120, layout="constrained")
     axes = fig.subplots(1, 2, sharey=True)
     base = next(iter(rates.values()))[2]
+    task_is_rate = result.get("task", "detox") == "detox"
     for ax, (title, corpora) in zip(axes, [("WikiText passages (the protocol's utility)", ("wikitext",)),
                                            ("four corpora no fit saw (geometric mean)", tuple(CORPORA))]):
         ax.errorbar([0], [base], fmt="ko", label="unsteered")
@@ -323,6 +324,8 @@ def plot(result: dict, rates: dict, png: str) -> str:
             for x, y, p in zip(xs, ys, pts):
                 ax.annotate(f"{p['strength']:.3g}", (x, y), textcoords="offset points", xytext=(4, 4), fontsize=7)
         ax.set_title(title, fontsize=10)
+        if task_is_rate:  # a rate is never below 0 (the CI of a difference, shifted, can reach there)
+            ax.set_ylim(bottom=-0.005)
         ax.set_xlabel("perplexity change (%)")
         ax.grid(alpha=0.3)
     task = result.get("task", "detox")
