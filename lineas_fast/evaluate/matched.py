@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import math
 import time
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from typing import Callable
 
 import numpy as np
@@ -108,12 +108,15 @@ class _Meter:
             prompts, passages, max_new_tokens, progress, log
         self.ppls: dict = {}
         self.gens: dict = {}
-        self.seconds = {"perplexity": 0.0, "generate": 0.0, "fluency": 0.0}  # where the time goes
-        self.counts = {"perplexity": 0, "generate": 0, "fluency": 0}  # passes, prompts generated, sets scored
+        # where the time goes; count: PPL passes, prompts generated, continuation sets scored
+        self.phases = {k: {"seconds": 0.0, "count": 0} for k in ("perplexity", "generate", "fluency")}
 
-    def _spent(self, phase: str, since: float, count: int) -> None:
-        self.seconds[phase] += time.perf_counter() - since
-        self.counts[phase] += count
+    @contextmanager
+    def _timed(self, phase: str, count: int):
+        t0 = time.perf_counter()
+        yield
+        self.phases[phase]["seconds"] += time.perf_counter() - t0
+        self.phases[phase]["count"] += count
 
     def _context(self, label, lam):
         return nullcontext() if label is None or lam == 0 else self.steer(self.model, self.steerings[label], lam)
@@ -121,10 +124,8 @@ class _Meter:
     def ppl(self, label, lam) -> float:
         key = (None, 0.0) if label is None or lam == 0 else (label, float(lam))
         if key not in self.ppls:
-            t0 = time.perf_counter()
-            with self._context(*key):
+            with self._timed("perplexity", 1), self._context(*key):
                 self.ppls[key] = perplexity(self.model, self.tok, self.passages, progress=self.progress)
-            self._spent("perplexity", t0, 1)
         return self.ppls[key]
 
     def texts(self, label, lam, n: int) -> dict:
@@ -136,14 +137,14 @@ class _Meter:
         if key not in self.gens:
             prompts = self.prompts[:n]
             unsteered = key[0] is None  # its greedy logits are the fluency model's: keep their NLLs
-            t0 = time.perf_counter()
-            with self._context(*key[:2]):
-                texts, ids, *nll = continuations(self.model, self.tok, prompts, max_new_tokens=self.max_new_tokens,
-                                                 progress=self.progress, with_nll=unsteered)
-            self.gens[key] = {"texts": texts, "ids": ids, "probs": toxicity(texts)}
+            with self._timed("generate", n):
+                with self._context(*key[:2]):
+                    texts, ids, *nll = continuations(self.model, self.tok, prompts,
+                                                     max_new_tokens=self.max_new_tokens, progress=self.progress,
+                                                     with_nll=unsteered)
+                self.gens[key] = {"texts": texts, "ids": ids, "probs": toxicity(texts)}
             if unsteered:
                 self.gens[key]["fluency"] = fluency_of(nll[0])
-            self._spent("generate", t0, n)
         return self.gens[key]
 
     def point(self, label, lam, n: int, base: dict | None) -> dict:
@@ -175,10 +176,10 @@ class _Meter:
         gens = [self.texts(label, lam, n) for label, lam, _ in rows]
         todo = list({id(g): g for g in gens if "fluency" not in g}.values())
         if todo:  # outside any steering
-            t0 = time.perf_counter()
-            for g, value in zip(todo, fluencies(self.model, self.tok, self.prompts[:n], [g["ids"] for g in todo])):
+            with self._timed("fluency", len(todo)):
+                values = fluencies(self.model, self.tok, self.prompts[:n], [g["ids"] for g in todo])
+            for g, value in zip(todo, values):
                 g["fluency"] = value
-            self._spent("fluency", t0, len(todo))
         for g, (_, _, row) in zip(gens, rows):
             row["fluency"] = g["fluency"]
 
@@ -230,4 +231,4 @@ def side_by_side(model, tok, steerings: dict, *, lead: str, strengths=(0.25, 0.5
     meter.add_fluency([(lead, lead_strength, lead_pt)] + [(label, pt["strength"], pt) for label, pt in matched.items()])
     return {"unsteered": base, "curve_unsteered": curve_base, "curves": curves, "matched": matched, "lead": lead_pt,
             "searches": searches, "seconds": time.perf_counter() - t0,
-            "phases": {k: {"seconds": v, "count": meter.counts[k]} for k, v in meter.seconds.items()}}
+            "phases": meter.phases}
