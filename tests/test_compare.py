@@ -98,7 +98,7 @@ def test_best_at_budget_picks_lowest_toxic_rate_within_budget():
 def test_compare_bad_arguments(tmp_path):
     with pytest.raises(lf.SteeringError, match="unknown method 'nope'"):
         run_compare(tmp_path, methods=("nope",))
-    with pytest.raises(lf.SteeringError, match="only l1 and group_l2"):
+    with pytest.raises(lf.SteeringError, match="only l1, group_l2, density, refit_steps"):
         run_compare(tmp_path, sparsity=[{"lr": 1.0}])
     with pytest.raises(lf.SteeringError, match="strengths"):
         run_compare(tmp_path, strengths=())
@@ -145,6 +145,8 @@ def test_cli_eval_methods_writes_results_folder(capsys, tmp_path, tiny_dir):
     (["eval", "--methods", "lineas,bogus", "--out", "x"], ["bogus"]),
     (["eval", "--methods", "lineas"], ["--out"]),
     (["eval", "--methods", "lineas", "--out", "x", "--sparsity", "l2=3"], ["--sparsity"]),
+    (["eval", "--methods", "lineas", "--out", "x", "--sparsity", "density=0"], ["--sparsity", "(0, 1]"]),
+    (["eval", "--methods", "lineas", "--out", "x", "--sparsity", "refit_steps=2.5"], ["--sparsity", "integer"]),
 ])
 def test_cli_eval_methods_errors(capsys, argv, words):
     rc = main(argv)

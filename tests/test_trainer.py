@@ -9,7 +9,8 @@ import torch
 import lineas_fast as lf
 from conftest import SOURCE, TARGET, make_model
 from lineas_fast.errors import SteeringError
-from lineas_fast.methods.trainer import Recipe, Targets, converged, diverging, train_maps, transport_weights
+from lineas_fast.methods.trainer import (Recipe, Targets, converged, diverging, strongest_entries, train_maps,
+                                         transport_weights)
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -207,6 +208,35 @@ def test_refit_keeps_the_sparse_support_and_undoes_the_shrinkage(tok):
     assert fit(make_model("llama"), tok, steps=4, refit_steps=3).meta["train"]["steps_run"] == 4
 
 
+# ---------------------------------------------------------------- density cap
+def test_strongest_entries_ranks_moves_in_activation_units():
+    omega = torch.tensor([1.0, 1.5, 1.1, 1.0])
+    shift = torch.tensor([0.0, 0.2, 0.0, -0.9])
+    scale = torch.tensor([1.0, 1.0, 10.0, 1.0])  # column 2: a small scale change on a large neuron moves it by 1
+    # effects: ω 0, 0.5, 1.0, 0 | b 0, 0.2, 0, 0.9 → the 3 (= floor(0.4 · 8)) largest: ω2, b3, ω1
+    kw, kb = strongest_entries(omega, shift, scale, 0.4)
+    assert kw.tolist() == [False, True, True, False] and kb.tolist() == [False, False, False, True]
+    # a cap above the moved count keeps every moved entry and never an unmoved one
+    kw, kb = strongest_entries(omega, shift, scale, 1.0)
+    assert kw.tolist() == [False, True, True, False] and kb.tolist() == [False, True, False, True]
+
+
+def test_density_caps_the_moved_entries_and_refits_them(tok):
+    """``density``: after the first phase at most that share of the (ω, b) entries stay off the identity;
+    the refit moves only those, and the history says how many the cap removed."""
+    kw = dict(steps=8, lr=3e-2, normalize="var")
+    dense = fit(make_model("llama"), tok, **kw)
+    capped = fit(make_model("llama"), tok, density=0.1, refit_steps=6, **kw)
+    entries = 2 * sum(dense.meta["widths"].values())
+    cap = capped.meta["train"]["density_cap"]
+    assert cap["entries"] == entries and cap["moved_before"] == dense.nnz() > cap["kept"] == entries // 10
+    assert capped.nnz() <= entries // 10 and capped.meta["train"]["refit_from"] == 8
+    assert capped.meta["hyperparams"]["density"] == 0.1
+    for s in capped.sites:  # the refit moved only entries the dense phase had moved
+        assert not ((capped.scale[s] != 1) & (dense.scale[s] == 1)).any()
+    assert dense.meta["train"]["density_cap"] is None
+
+
 # ---------------------------------------------------------------- mini-batches
 def test_random_mini_batches_depend_on_the_seed(tok):
     a = fit(make_model("llama"), tok, steps=4, batch_size=3, seed=0)
@@ -402,6 +432,7 @@ def test_preserve_under_compile_matches_eager(tok, preserve_loss):
     (dict(refit_steps=-1), "refit_steps"), (dict(refit_steps=1.5), "refit_steps"),
     (dict(partial=1.5), "partial"), (dict(partial=-0.1), "partial"), (dict(partial=math.nan), "partial"),
     (dict(transport_last=0.0), "transport_last"), (dict(transport_last=1.5), "transport_last"),
+    (dict(density=0.0), "density"), (dict(density=1.5), "density"), (dict(density=math.nan), "density"),
 ])
 def test_bad_recipe_options_are_named_before_anything_runs(tok, kw, name):
     model = make_model("llama")

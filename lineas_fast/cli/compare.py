@@ -10,7 +10,7 @@ import math
 import sys
 import time
 
-from ..defaults import DEFAULT_MODEL, METHOD_NAMES
+from ..defaults import DEFAULT_MODEL, METHOD_NAMES, SPARSITY_OPTIONS
 from ..errors import SteeringError
 from .common import check_prompts, load_model, output_dir, positive, read_prompts, say, secs, strengths
 
@@ -18,18 +18,22 @@ DEFAULT_MULTIPLIERS = "2,4,8"
 
 
 def sparsity_arg(text: str) -> dict:
+    """``l1=X,group_l2=Y,density=D,refit_steps=N`` (any of them) → the LinEAS options of one sparse fit."""
     grid = {}
     for part in text.split(","):
         key, _, val = part.partition("=")
         key = key.strip().replace("-", "_")
-        if key not in ("l1", "group_l2") or not val:
-            raise SteeringError(f"--sparsity {text!r}: expected l1=X and/or group_l2=Y, e.g. l1=30,group_l2=1")
+        if key not in SPARSITY_OPTIONS or not val:
+            raise SteeringError(f"--sparsity {text!r}: expected any of {', '.join(k + '=' for k in SPARSITY_OPTIONS)}"
+                                f" e.g. l1=20,density=0.1,refit_steps=40")
         try:
-            grid[key] = float(val)
+            grid[key] = int(val) if key == "refit_steps" else float(val)
         except ValueError:
-            raise SteeringError(f"--sparsity {text!r}: {val!r} is not a number") from None
-        if not (math.isfinite(grid[key]) and grid[key] >= 0):
-            raise SteeringError(f"--sparsity {text!r}: {key} must be a finite number >= 0")
+            raise SteeringError(f"--sparsity {text!r}: {val!r} is not {'an integer' if key == 'refit_steps' else 'a number'}") from None
+        ok = 0 < grid[key] <= 1 if key == "density" else grid[key] >= 0
+        if not (math.isfinite(grid[key]) and ok):
+            raise SteeringError(f"--sparsity {text!r}: {key} must be " + ("in (0, 1]" if key == "density" else
+                                                                          "a finite number >= 0"))
     return grid
 
 

@@ -38,9 +38,9 @@ def add_parser(sub, common, fmt) -> None:
     e.add_argument("--multipliers", default=None, metavar="LIST",
                    help="--methods: ActAdd multipliers evaluated at strength 1, besides its strength sweep "
                         "[default: 2,4,8]")
-    e.add_argument("--sparsity", action="append", default=[], metavar="l1=X[,group_l2=Y]",
+    e.add_argument("--sparsity", action="append", default=[], metavar="l1=X[,group_l2=Y,density=D,refit_steps=N]",
                    help="--methods: an extra LinEAS fit with these sparsity settings, evaluated at strength 1 "
-                        "(repeat for a λ sweep, e.g. --sparsity l1=0 --sparsity l1=30)")
+                        "(repeat for a sweep, e.g. --sparsity l1=0 --sparsity l1=20,density=0.1,refit_steps=40)")
     e.add_argument("--steps", type=int, default=None, metavar="S",
                    help=f"--methods: LinEAS steps [default: {D['steps']}]")
     e.add_argument("--variant", action="append", default=[], metavar="LABEL=METHOD[:key=value,...]",

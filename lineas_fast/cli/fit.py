@@ -67,6 +67,10 @@ def add_parser(sub, common, fmt) -> None:
     f.add_argument("--refit-steps", type=int, default=None, metavar="N",
                    help=f"after a sparse fit (--l1/--group-l2), refit the entries it kept without the penalty for "
                         f"N steps (the relaxed lasso; 0: no refit) [default: {D['refit_steps']}]")
+    f.add_argument("--density", type=float, default=None, metavar="D",
+                   help=f"after the first phase keep at most the share D of the (ω, b) entries off the identity — "
+                        f"those that move the activations most — and refit them for --refit-steps (1: no cap) "
+                        f"[default: {D['density']}]")
     f.add_argument("--partial", type=float, default=None, metavar="P",
                    help=f"fraction of the LinEAS steps trained at a random strength λ < 1 against the interpolated "
                         f"target, so that strengths below 1 steer part of the way [default: {D['partial']}]")
@@ -118,7 +122,7 @@ def validate(args) -> None:
         finite(name, value)
     for name, value in (("--preserve", args.preserve), ("--tol", args.tol), ("--l1", args.l1),
                         ("--group-l2", args.group_l2), ("--refit-steps", args.refit_steps),
-                        ("--partial", args.partial)):
+                        ("--partial", args.partial), ("--density", args.density)):
         non_negative(name, value)
     for name, value in (("--window", args.window), ("--batch-size", args.batch_size),
                         ("--max-length", args.max_length)):
@@ -156,7 +160,7 @@ def run(args) -> int:
              "l1": args.l1, "group_l2": args.group_l2, "seed": args.seed, "normalize": args.normalize,
              "schedule": args.schedule, "lr_end": args.lr_end, "preserve": args.preserve,
              "preserve_loss": args.preserve_loss, "transport_last": args.transport_last, "tol": args.tol, "window": args.window,
-             "refit_steps": args.refit_steps, "partial": args.partial,
+             "refit_steps": args.refit_steps, "density": args.density, "partial": args.partial,
              "optimizer": args.optimizer, "batch_size": args.batch_size, "max_length": args.max_length,
              "support": args.support, "incremental": args.incremental or None, "multiplier": args.multiplier,
              "autocast": args.autocast or None, "compile": args.compile or None}

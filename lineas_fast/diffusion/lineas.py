@@ -25,7 +25,7 @@ from .run import POOLINGS, SiteRecorder, call_pipeline, collect_diffusion
 
 DEFAULTS = dict(sites="norms", pooling="mean", steps=40, lr=3e-3, schedule="constant", lr_end=1e-3,
                 betas=(0.9, 0.999), l1=0.0, group_l2=0.0, batch_size=32, normalize="var", optimizer="adam",
-                preserve=0.0, tol=0.0, window=20, refit_steps=0, seed=0)
+                preserve=0.0, tol=0.0, window=20, refit_steps=0, density=1.0, seed=0)
 
 
 class _FrozenComponents(FrozenModel):
@@ -87,7 +87,8 @@ def fit_lineas_pipeline(view, source, target, *, sites=DEFAULTS["sites"], poolin
                         group_l2=DEFAULTS["group_l2"], batch_size=DEFAULTS["batch_size"],
                         normalize=DEFAULTS["normalize"], optimizer=DEFAULTS["optimizer"],
                         preserve=DEFAULTS["preserve"], tol=DEFAULTS["tol"], window=DEFAULTS["window"],
-                        refit_steps=DEFAULTS["refit_steps"], seed=DEFAULTS["seed"], micro_batch: int = 8,
+                        refit_steps=DEFAULTS["refit_steps"], density=DEFAULTS["density"], seed=DEFAULTS["seed"],
+                        micro_batch: int = 8,
                         num_inference_steps: int | None = None,
                         size=None, pipe_kwargs: dict | None = None, progress: bool = True) -> Steering:
     """Fit LinEAS maps on a pipeline's sites (``view`` from :func:`~lineas_fast.diffusion.view_of`).
@@ -101,7 +102,7 @@ def fit_lineas_pipeline(view, source, target, *, sites=DEFAULTS["sites"], poolin
     recipe = Recipe(steps=steps, lr=lr, schedule=schedule, lr_end=lr_end, betas=tuple(betas) if isinstance(
         betas, (list, tuple)) else betas, optimizer=optimizer, batch_size=batch_size, l1=l1, group_l2=group_l2,
         normalize=normalize, preserve=preserve, tol=tol, window=window, refit_steps=refit_steps,
-        seed=seed)
+        density=density, seed=seed)
     recipe.validate()
     if isinstance(micro_batch, bool) or not isinstance(micro_batch, int) or micro_batch < 1:
         raise SteeringError(f"micro_batch={micro_batch!r}: expected an integer >= 1")

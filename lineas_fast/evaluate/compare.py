@@ -17,6 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
+from ..defaults import SPARSITY_OPTIONS
 from ..errors import SteeringError
 from .metrics import evaluate_model, fluency, paired_bootstrap, summary_row
 
@@ -37,9 +38,9 @@ def _fit_specs(methods, fit_kwargs: dict, sparsity) -> list[dict]:
         specs.append({"label": label, "method": method, "kwargs": {**fit_kwargs.get(method, {}), **kw},
                       "role": "method"})
     for grid in sparsity or ():
-        bad = [k for k in grid if k not in ("l1", "group_l2")]
+        bad = [k for k in grid if k not in SPARSITY_OPTIONS]
         if bad:
-            raise SteeringError(f"sparsity: only l1 and group_l2 can vary, got {bad}")
+            raise SteeringError(f"sparsity: only {', '.join(SPARSITY_OPTIONS)} can vary, got {bad}")
         label = "lineas[" + ",".join(f"{k}={v:g}" for k, v in grid.items()) + "]"
         specs.append({"label": label, "method": "lineas", "kwargs": {**fit_kwargs.get("lineas", {}), **grid},
                       "role": "sparsity"})

@@ -34,7 +34,9 @@ def fit(model, tok, source, target, method: str = "lineas", **kwargs):
             ``+``, regex or list), ``pooling`` (mean|last|tokens), ``steps``, ``lr``, ``schedule``
             (cosine|constant) and ``lr_end`` (the cosine ends at lr·lr_end), ``betas`` (Adam), ``l1``,
             ``group_l2`` (sparse group lasso) and ``refit_steps`` (after a sparse fit, refit the entries it
-            kept without the penalty for this many steps: the relaxed lasso), ``partial`` (the fraction of steps
+            kept without the penalty for this many steps: the relaxed lasso), ``density`` (a cap: after the
+            first phase at most this share of the (ω, b) entries stay off the identity, those that move the
+            activations most, then ``refit_steps`` refit them; 1: no cap), ``partial`` (the fraction of steps
             trained at a random strength λ < 1 against the interpolated target, so that λ < 1 steers part of the
             way: :mod:`lineas_fast.methods.trainer`), ``batch_size`` (prompts per step), ``normalize``
             (None|"var"), ``optimizer`` (adam|sgd), ``preserve`` (μ: weight of the term that keeps the target

@@ -139,8 +139,8 @@ def fit_lineas(model, tok, source, target, *, sites=DEFAULTS["sites"], pooling=D
                group_l2=DEFAULTS["group_l2"], batch_size=DEFAULTS["batch_size"], normalize=DEFAULTS["normalize"],
                optimizer=DEFAULTS["optimizer"], preserve=DEFAULTS["preserve"],
                preserve_loss=DEFAULTS["preserve_loss"], transport_last=DEFAULTS["transport_last"], tol=DEFAULTS["tol"],
-               window=DEFAULTS["window"], refit_steps=DEFAULTS["refit_steps"], partial=DEFAULTS["partial"],
-               max_length=DEFAULTS["max_length"],
+               window=DEFAULTS["window"], refit_steps=DEFAULTS["refit_steps"], density=DEFAULTS["density"],
+               partial=DEFAULTS["partial"], max_length=DEFAULTS["max_length"],
                seed=DEFAULTS["seed"], micro_batch: int = 8, fused: bool | None = None, autocast: bool = DEFAULTS["autocast"],
                compile: bool | str = DEFAULTS["compile"], progress: bool = True) -> Steering:
     """Fit LinEAS maps; see :func:`lineas_fast.fit` for the arguments.
@@ -156,7 +156,7 @@ def fit_lineas(model, tok, source, target, *, sites=DEFAULTS["sites"], pooling=D
     recipe = Recipe(steps=steps, lr=lr, schedule=schedule, lr_end=lr_end, betas=tuple(betas) if isinstance(
         betas, (list, tuple)) else betas, optimizer=optimizer, batch_size=batch_size, l1=l1, group_l2=group_l2,
         normalize=normalize, preserve=preserve, preserve_loss=preserve_loss, transport_last=transport_last, tol=tol, window=window,
-        refit_steps=refit_steps, partial=partial, seed=seed, autocast=autocast)
+        refit_steps=refit_steps, density=density, partial=partial, seed=seed, autocast=autocast)
     recipe.validate()
     if isinstance(micro_batch, bool) or not isinstance(micro_batch, int) or micro_batch < 1:
         raise SteeringError(f"micro_batch={micro_batch!r}: expected an integer >= 1")

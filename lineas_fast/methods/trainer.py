@@ -70,7 +70,11 @@ out of it) gives the same fit, ω the same and b ×c (tested). On that model the
 chooses which entries move; its shrinkage also pulls the entries it keeps toward the identity. With
 ``refit_steps > 0`` a second phase (the relaxed lasso) refits the chosen support without the penalty — a
 fresh optimizer and cosine schedule over ``refit_steps``, every entry outside the support held at the
-identity — so the map stays as sparse and its kept entries move as far as the loss asks.
+identity — so the map stays as sparse and its kept entries move as far as the loss asks. ``density = d < 1``
+caps the support instead of (or on top of) the penalty: after the first phase at most ``floor(d · 2Σd)`` entries
+stay off the identity, those whose own move of the activations is largest (:func:`strongest_entries`: |ω − 1| times
+the column's RMS on the target prompts, |b|), and the refit then fits only those. The share at the identity is
+then a guarantee on any model, where a penalty weight gives a share that depends on the model and the data.
 
 **Checks.** Options are refused with :class:`SteeringError` naming the first bad one before anything runs
 (``steps`` a positive int, ``l1``/``group_l2`` finite and >= 0, ...: :meth:`Recipe.validate`). A fit that
@@ -123,6 +127,7 @@ class Recipe:
     tol: float = 0.0
     window: int = 20
     refit_steps: int = 0
+    density: float = 1.0
     partial: float = 0.0
     seed: int = 0
     autocast: bool = False
@@ -165,6 +170,8 @@ class Recipe:
             bad("window", "expected an integer >= 1")
         if isinstance(self.refit_steps, bool) or not isinstance(self.refit_steps, int) or self.refit_steps < 0:
             bad("refit_steps", "expected an integer >= 0 (0: no refit)")
+        number("density", lambda v: 0 < v <= 1,
+               "expected the largest share of the (ω, b) entries that may leave the identity, in (0, 1] (1: no cap)")
         number("partial", lambda v: 0 <= v <= 1, "expected the fraction of steps at a partial strength, in [0, 1]")
 
     def lr_at(self, step: int, steps: int | None = None) -> float:
@@ -178,7 +185,7 @@ class Recipe:
 
     @property
     def sparse(self) -> bool:
-        return self.l1 > 0 or self.group_l2 > 0
+        return self.l1 > 0 or self.group_l2 > 0 or self.density < 1
 
     def hyperparams(self) -> dict:
         out = asdict(self)
@@ -431,9 +438,19 @@ def train_maps(forward, *, n_source: int, targets: Targets, slices: dict, recipe
                 history[key] = []
         history["restarts"] = restarts
         history["refit_from"] = None
+        history["density_cap"] = None
+        if recipe.density < 1:  # keep only the entries that move the activations most
+            with torch.no_grad():
+                keep_w, keep_b = strongest_entries(omega, unit * shift, v.float().pow(2).mean(0).sqrt(),
+                                                   recipe.density)
+                before = int((omega != 1).sum() + (shift != 0).sum())
+                omega[~keep_w] = 1.0
+                shift[~keep_b] = 0.0
+            history["density_cap"] = {"entries": 2 * width, "moved_before": before,
+                                      "kept": int(keep_w.sum() + keep_b.sum())}
         if recipe.refit_steps and recipe.sparse:
-            # relaxed lasso: the penalty chose the support; refitting it without the penalty undoes the
-            # shrinkage the penalty put on the entries it kept (a fresh optimizer and schedule)
+            # relaxed lasso: the penalty (or the density cap) chose the support; refitting it without the
+            # penalty undoes the shrinkage the penalty put on the entries it kept (a fresh optimizer and schedule)
             history["refit_from"] = len(history["loss"])
             support = (omega.detach() != 1, shift.detach() != 0)
             opt = optimizer()
@@ -444,6 +461,22 @@ def train_maps(forward, *, n_source: int, targets: Targets, slices: dict, recipe
     b = unit * shift.detach()
     warn_if_inert(omega.detach(), b, groups, recipe)
     return omega.detach(), b, history
+
+
+def strongest_entries(omega: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor,
+                      density: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Masks of the ω and b entries to keep under a density cap: at most ``floor(density · 2d)`` of the ``2d``
+    entries, those whose own move of the activations is largest — ``|ω − 1| · scale`` for a scale entry
+    (``scale``: each column's RMS, so the move is in activation units) and ``|b|`` for a shift entry. Entries
+    already at the identity are never kept; with no more moved entries than the cap, every moved one is."""
+    effect = torch.cat([(omega - 1).abs() * scale, shift.abs()])
+    moved = effect > 0
+    budget = math.floor(density * effect.numel())
+    if int(moved.sum()) > budget:
+        keep = torch.zeros_like(moved)
+        keep[torch.topk(effect, budget).indices] = True
+        moved = moved & keep
+    return moved[:omega.numel()], moved[omega.numel():]
 
 
 def transport_weights(weights: torch.Tensor | None, slices: dict, share: float, device) -> torch.Tensor | None:
@@ -479,8 +512,9 @@ def warn_if_inert(omega: torch.Tensor, shift: torch.Tensor, groups: list[slice],
         moved = (omega != 1) | (shift != 0)
         active = sum(int(moved[sl].any()) for sl in groups)
     n, off = len(groups), len(groups) - active
-    sparse = recipe.l1 > 0 or recipe.group_l2 > 0
-    hint = f"; lower l1={recipe.l1}/group_l2={recipe.group_l2}" if sparse else \
+    sparse = recipe.sparse
+    hint = f"; lower l1={recipe.l1}/group_l2={recipe.group_l2}" + (
+        f" or raise density={recipe.density}" if recipe.density < 1 else "") if sparse else \
         f"; raise lr={recipe.lr} or steps={recipe.steps}"
     if active == 0:
         warnings.warn(f"fit returned the identity map: all {n} sites and {omega.numel()} neurons are left "
