@@ -35,8 +35,10 @@ def test_demo_quick(tmp_path, capsys):
     assert "| unsteered |" in (tmp_path / "table.md").read_text()
     res = json.loads((tmp_path / "results.json").read_text())
     assert len(res["fit"]["train"]["loss"]) == 3 and res["eval"]["prompts"] == 8
-    split = sum(res["timings"][f"evaluate_{k}"] for k in ("perplexity", "generate", "fluency"))
-    assert 0 < split <= res["timings"]["evaluate"]  # where the evaluation's time went
+    split = sum(res["phases"][k]["seconds"] for k in ("perplexity", "generate", "fluency"))
+    assert 0 < split <= res["timings"]["evaluate"]  # where the evaluation's time went, kept once
+    assert not any(k.startswith("evaluate_") for k in res["timings"])
+    assert res["phases"]["generate"]["count"] > 0 and "(evaluation: passage PPL" in (tmp_path / "table.md").read_text()
     base, steered = res["results"]["unsteered"]["texts"], res["results"]["lineas"]["texts"]
     assert len(base) == len(steered) == 8
 
