@@ -22,7 +22,9 @@ and so does the difference between LinEAS and a baseline at about the same toxic
 rate against the WikiText change and against the geometric mean change over the four corpora, side by side.
 
 ``--task siqa`` does the same for the second task (``benchmarks/second_task.py``: its fit sets, the strengths of
-its ``results/second_task/defaults.json`` rows and their mean compound score, higher is better).
+its ``results/second_task/defaults.json`` rows and their mean compound score, higher is better; a result that fits
+LinEAS now scores LinEAS's points from ``results/second_task/transport_last_third_preserve_2.json``, today's
+defaults, and says so under ``lineas_scores``).
 
 Usage:
     python benchmarks/utility_corpora.py --threads 2 --out benchmarks/results/utility_corpora.json
@@ -31,6 +33,8 @@ Usage:
     python benchmarks/utility_corpora.py --task siqa --threads 2 --out benchmarks/results/utility_corpora_siqa.json
     python benchmarks/utility_corpora.py --threads 2 --methods lineas --merge benchmarks/results/utility_corpora.json \
         --out NEW.json   # refit LinEAS only; the baselines' points come from the earlier file (checked: same texts)
+    python benchmarks/utility_corpora.py --task siqa --threads 2 --methods lineas \
+        --merge benchmarks/results/utility_corpora_siqa.json --out NEW.json   # the same on the second task
 """
 
 from __future__ import annotations
@@ -66,7 +70,10 @@ LINEAS_ROWS = {"transport_last": 0.3333, "preserve": 2}
 RESULTS = Path(__file__).parent / "results"
 TUNING = RESULTS / "tuning_nontoxic.jsonl"
 sys.path.insert(0, str(Path(__file__).parent))  # second_task.py (data folder, fit sets), tune_lineas.py (rows)
-SECOND_TASK = RESULTS / "second_task" / "defaults.json"
+SECOND_TASK = RESULTS / "second_task" / "defaults.json"  # every method's rows, LinEAS with the defaults until 2026-12-05
+# The second task's rows of today's LinEAS defaults (measured without baselines). A siqa measurement that fits LinEAS
+# records this name (``lineas_scores``) and scores its LinEAS points from it; earlier files score them from SECOND_TASK.
+SECOND_TASK_LINEAS = "transport_last_third_preserve_2.json"
 
 
 @dataclass(frozen=True)
@@ -131,19 +138,34 @@ def task_points(task: str) -> dict:
     return {m: tuple(sorted(v)) for m, v in out.items()}
 
 
-def scores(task: str, path: Path | None = None, lineas_rows: dict | None = None) -> dict:
+def scores(task: str, path: Path | None = None, lineas_rows: dict | None = None,
+           lineas_scores: str | None = None) -> dict:
     """``{(method, strength): (score, CI of its difference to unsteered, unsteered score)}`` of the task
-    (``lineas_rows``: see :func:`toxic_rates`)."""
-    return toxic_rates(path or TUNING, lineas_rows) if task == "detox" else compound_scores(path or SECOND_TASK)
+    (``lineas_rows``: see :func:`toxic_rates`; ``lineas_scores``: see :func:`compound_scores`)."""
+    if task == "detox":
+        return toxic_rates(path or TUNING, lineas_rows)
+    return compound_scores(path or SECOND_TASK, lineas_scores)
 
 
-def compound_scores(path: Path = SECOND_TASK) -> dict:
-    """:func:`scores` of the second task: each row's mean compound score of ``second_task.py``'s results."""
-    rows = json.load(open(path))["rows"]
-    base = next(r["mean_compound"] for r in rows if r["name"] == "unsteered")
-    methods = method_of()
-    return {(methods[r["name"]], r["strength"]): (r["mean_compound"], r["mean_compound_diff_ci"][1:], base)
-            for r in rows if r["name"] != "unsteered"}
+def compound_scores(path: Path = SECOND_TASK, lineas_scores: str | None = None) -> dict:
+    """:func:`scores` of the second task: each row's mean compound score of ``second_task.py``'s results; with
+    ``lineas_scores`` (a file name next to ``path``), LinEAS's rows come from that file instead (refused when its
+    unsteered score differs: another eval set)."""
+    def read(file: Path) -> dict:
+        rows = json.load(open(file))["rows"]
+        base = next(r["mean_compound"] for r in rows if r["name"] == "unsteered")
+        methods = method_of()
+        return {(methods[r["name"]], r["strength"]): (r["mean_compound"], r["mean_compound_diff_ci"][1:], base)
+                for r in rows if r["name"] != "unsteered"}
+
+    out = read(path)
+    if lineas_scores:
+        lineas = {k: v for k, v in read(Path(path).parent / lineas_scores).items() if k[0] == "lineas"}
+        bases = {v[2] for v in list(out.values())[:1] + list(lineas.values())[:1]}
+        if len(bases) > 1:
+            raise SystemExit(f"{lineas_scores}: unsteered mean compound {sorted(bases)} differs from {Path(path).name}'s")
+        out = {k: v for k, v in out.items() if k[0] != "lineas"} | lineas
+    return out
 
 
 def measure(threads: int | None, task: str = "detox", methods=None, merge: dict | None = None) -> dict:
@@ -174,6 +196,8 @@ def measure(threads: int | None, task: str = "detox", methods=None, merge: dict 
         raise SystemExit(f"--methods {','.join(unknown)}: the {task} task has points for {', '.join(points)}")
     if task == "detox" and "lineas" in methods:
         result["lineas_rows"] = LINEAS_ROWS
+    if task == "siqa" and "lineas" in methods:
+        result["lineas_scores"] = SECOND_TASK_LINEAS
     if merge is not None:
         result = merged(result, merge, methods)
     for method, strengths in ((m, points[m]) for m in methods):
@@ -204,8 +228,9 @@ def merged(result: dict, earlier: dict, methods) -> dict:
             raise SystemExit(f"--merge: unsteered PPL on {corpus} differs ({value['ppl']:.4f} here, {there:.4f} "
                              "there): not the same texts or model")
     out = dict(result, points=result["points"] + [p for p in earlier["points"] if p["method"] not in methods])
-    if "lineas" not in methods and "lineas_rows" in earlier:
-        out["lineas_rows"] = earlier["lineas_rows"]
+    for key in ("lineas_rows", "lineas_scores"):  # how the earlier file's LinEAS points are scored
+        if "lineas" not in methods and key in earlier:
+            out[key] = earlier[key]
     return out
 
 
@@ -348,7 +373,8 @@ def main() -> None:
     args = ap.parse_args()
     if args.render:
         result = json.load(open(args.render))
-        rates = scores(result.get("task", "detox"), lineas_rows=result.get("lineas_rows"))
+        rates = scores(result.get("task", "detox"), lineas_rows=result.get("lineas_rows"),
+                       lineas_scores=result.get("lineas_scores"))
         print(render(result, rates))
         if args.plot:
             print(plot(result, rates, args.plot))
@@ -358,7 +384,8 @@ def main() -> None:
     merge = json.load(open(args.merge)) if args.merge else None
     result = measure(args.threads, args.task, args.methods.split(",") if args.methods else None, merge)
     Path(args.out).write_text(json.dumps(result) + "\n")  # one line: it holds every text's NLL
-    print(render(result, scores(args.task, lineas_rows=result.get("lineas_rows"))))
+    print(render(result, scores(args.task, lineas_rows=result.get("lineas_rows"),
+                                lineas_scores=result.get("lineas_scores"))))
 
 
 if __name__ == "__main__":

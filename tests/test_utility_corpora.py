@@ -124,6 +124,29 @@ def test_the_second_task_reads_its_points_and_scores_from_its_results(tmp_path):
     assert set(uc.task_points("siqa")) == {"lineas", "mean_act", "linear_act"}  # the committed results file
 
 
+def test_the_second_task_scores_lineas_from_the_file_a_result_names(tmp_path):
+    """A siqa result that fitted today's defaults names the file of their LinEAS rows (``lineas_scores``): LinEAS's
+    scores come from it, the baselines' from the results with every method; another eval set is refused."""
+    every = [{"name": "unsteered", "strength": 0.0, "mean_compound": -0.1},
+             {"name": "LinEAS", "strength": 1.0, "mean_compound": 0.06, "mean_compound_diff_ci": [0.16, 0.08, 0.25]},
+             {"name": "Mean-AcT", "strength": 0.25, "mean_compound": 0.07, "mean_compound_diff_ci": [0.17, 0.1, 0.24]}]
+    today = [every[0], {"name": "LinEAS", "strength": 1.0, "mean_compound": 0.15,
+                        "mean_compound_diff_ci": [0.25, 0.17, 0.34]}]
+    (tmp_path / "all.json").write_text(json.dumps({"rows": every}))
+    (tmp_path / "today.json").write_text(json.dumps({"rows": today}))
+    rates = uc.scores("siqa", tmp_path / "all.json", lineas_scores="today.json")
+    assert rates == {("lineas", 1.0): (0.15, [0.17, 0.34], -0.1), ("mean_act", 0.25): (0.07, [0.1, 0.24], -0.1)}
+    assert uc.scores("siqa", tmp_path / "all.json")[("lineas", 1.0)][0] == 0.06  # files without the key: as before
+    (tmp_path / "other.json").write_text(json.dumps({"rows": [dict(every[0], mean_compound=-0.2), today[1]]}))
+    with pytest.raises(SystemExit, match="unsteered mean compound"):
+        uc.scores("siqa", tmp_path / "all.json", lineas_scores="other.json")
+    earlier = dict(_result(), task="siqa", lineas_scores="today.json")
+    fresh = {"task": "siqa", "unsteered": earlier["unsteered"], "points": []}
+    assert uc.merged(fresh, earlier, ["mean_act"])["lineas_scores"] == "today.json"  # LinEAS kept: its scores too
+    assert "lineas_scores" not in uc.merged(fresh, earlier, ["lineas"])
+    assert (uc.SECOND_TASK.parent / uc.SECOND_TASK_LINEAS).exists()  # the committed file today's points read
+
+
 def test_today_s_lineas_rows_are_read_when_a_result_names_them(tmp_path):
     """A result measured with today's defaults reads the LinEAS rows that name them; one without the key (measured
     with the earlier defaults) still reads the rows without settings."""
