@@ -18,7 +18,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 COMMANDS = {
     "demo": ["--out", "--prompts", "--steps", "--quick"],
     "fit": ["--source", "--target", "--out", "--model", "--method", "--sites", "--pooling", "--steps", "--lr",
-            "--l1", "--group-l2", "--normalize", "--optimizer", "--batch-size", "--max-length", "--seed"],
+            "--l1", "--group-l2", "--refit-steps", "--density", "--normalize", "--optimizer", "--batch-size", "--max-length", "--seed"],
     "generate": ["--steering", "--strength", "--model", "--max-new-tokens", "PROMPT"],
     "eval": ["--steering", "--strengths", "--prompts", "--passages", "--prompt-set", "--model", "--out"],
     "bake": ["--steering", "--strength", "--out", "--model", "--no-verify"],

@@ -126,6 +126,8 @@ def test_not_utf8_error_names_the_line(capsys, no_model, files, tmp_path):
     (["--tol", "inf"], ["--tol"]),
     (["--lr-end", "nan"], ["--lr-end"]),
     (["--lr-end", "0"], ["lr_end"]),  # LinEAS's own rule, (0, 1], applied before the model loads
+    (["--density", "0"], ["density", "(0, 1]"]),  # the same, for the density cap
+    (["--density", "nan"], ["--density"]),
     (["--method", "actadd", "--multiplier", "nan"], ["--multiplier"]),
     (["--threads", "0"], ["--threads"]),
 ])
