@@ -18,7 +18,8 @@ DEFAULT_MULTIPLIERS = "2,4,8"
 
 
 def sparsity_arg(text: str) -> dict:
-    """``l1=X,group_l2=Y,density=D,refit_steps=N`` (any of them) → the LinEAS options of one sparse fit."""
+    """``l1=X,group_l2=Y,density=D,refit_steps=N`` (any of them) → the LinEAS options of one sparse fit, parsed;
+    their ranges are LinEAS's own rules (:func:`check_sparsity`)."""
     grid = {}
     for part in text.split(","):
         key, _, val = part.partition("=")
@@ -26,14 +27,25 @@ def sparsity_arg(text: str) -> dict:
         if key not in SPARSITY_OPTIONS or not val:
             raise SteeringError(f"--sparsity {text!r}: expected any of {', '.join(k + '=' for k in SPARSITY_OPTIONS)}"
                                 f" e.g. l1=20,density=0.1,refit_steps=40")
+        integer = key == "refit_steps"
         try:
-            grid[key] = int(val) if key == "refit_steps" else float(val)
+            grid[key] = int(val) if integer else float(val)
         except ValueError:
-            raise SteeringError(f"--sparsity {text!r}: {val!r} is not {'an integer' if key == 'refit_steps' else 'a number'}") from None
-        ok = 0 < grid[key] <= 1 if key == "density" else grid[key] >= 0
-        if not (math.isfinite(grid[key]) and ok):
-            raise SteeringError(f"--sparsity {text!r}: {key} must be " + ("in (0, 1]" if key == "density" else
-                                                                          "a finite number >= 0"))
+            raise SteeringError(f"--sparsity {text!r}: {val!r} is not {'an integer' if integer else 'a number'}") \
+                from None
+    return grid
+
+
+def check_sparsity(text: str) -> dict:
+    """:func:`sparsity_arg`, then the fit's own option rules (:func:`.fit.precheck_lineas`: e.g. ``density`` in
+    (0, 1], ``l1`` finite and >= 0), named after the argument; before any model is loaded."""
+    from .fit import precheck_lineas
+
+    grid = sparsity_arg(text)
+    try:
+        precheck_lineas(grid)
+    except SteeringError as e:
+        raise SteeringError(f"--sparsity {text!r}: {e}") from None
     return grid
 
 
@@ -125,7 +137,7 @@ def run(args) -> int:
         extra[label.strip()] = strengths(values, "--method-strengths")
     lams = strengths(args.strengths or "0,0.25,0.5,0.75,1")
     multipliers = strengths(args.multipliers or DEFAULT_MULTIPLIERS, "--multipliers") if "actadd" in methods else []
-    sparsity = [sparsity_arg(x) for x in args.sparsity]
+    sparsity = [check_sparsity(x) for x in args.sparsity]
     src = read_prompts("--source", args.source or "toxic", "fit")
     tgt = read_prompts("--target", args.target or "nontoxic", "fit")
     prompts = read_prompts("--prompt-set", args.prompt_set, "eval")[:args.prompts]
