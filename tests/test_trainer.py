@@ -9,8 +9,9 @@ import torch
 import lineas_fast as lf
 from conftest import SOURCE, TARGET, make_model
 from lineas_fast.errors import SteeringError
+from lineas_fast.methods import trainer
 from lineas_fast.methods.trainer import (Recipe, Targets, converged, diverging, strongest_entries, train_maps,
-                                         transport_weights)
+                                         transport_columns, transport_weights)
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -109,6 +110,29 @@ def test_the_transport_term_sees_only_the_last_sites():
     assert last["transport"][0] == pytest.approx(only_b["transport"][0])
     assert last["transport"][0] == pytest.approx(2 * b_alone["transport"][0])
     assert full["transport"][0] != pytest.approx(last["transport"][0])
+
+
+def test_transport_columns_are_those_of_nonzero_weight():
+    slices = {f"s{i}": slice(2 * i, 2 * i + 2) for i in range(4)}
+    assert transport_columns(None, 8) == slice(0, 8)
+    assert transport_columns(transport_weights(None, slices, 0.5, "cpu"), 8) == slice(4, 8)  # one block: a slice
+    assert transport_columns(torch.arange(1.0, 9.0), 8) == slice(0, 8)
+    gaps = transport_columns(torch.tensor([0.0, 1.0, 0.0, 2.0]), 4)  # not one block: the indices
+    assert gaps.tolist() == [1, 3]
+
+
+@pytest.mark.parametrize("kw", [dict(preserve=1.0, preserve_loss="paired"), dict(partial=0.5, preserve=0.5)])
+def test_sorting_only_the_counted_columns_trains_the_same_maps(tok, monkeypatch, kw):
+    """The transport term leaves out the columns ``transport_last`` weighs 0 (a third of them by default):
+    the trained maps are bit-identical to sorting every column."""
+    model = make_model("llama")
+    opts = dict(transport_last=0.5, steps=4, batch_size=2, normalize="var", **kw)
+    fast = fit(model, tok, **opts)
+    monkeypatch.setattr(trainer, "transport_columns", lambda weights, width: slice(0, width))
+    every = fit(model, tok, **opts)
+    for s in fast.sites:
+        assert torch.equal(fast.scale[s], every.scale[s]) and torch.equal(fast.shift[s], every.shift[s])
+    assert any(not torch.equal(fast.scale[s], torch.ones_like(fast.scale[s])) for s in fast.sites)  # it moved
 
 
 def test_a_fit_records_transport_last(tok):

@@ -235,7 +235,10 @@ def fluencies(model, tok, prompts: list[str], sets: list[list[list[int]]], batch
     order = sorted(range(n), key=lambda i: (len(pids[i]), i))
     totals = [[0.0, 0] for _ in sets]
     # transformers 5 calls the forward's cache argument ``cache``; earlier versions ``past_key_values``
-    cache_arg = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+    params = inspect.signature(model.forward).parameters
+    cache_arg = "cache" if "cache" in params else "past_key_values"
+    # the prompt pass only fills the cache: where the model can, it skips the LM head but for one position
+    keep = {"logits_to_keep": 1} if "logits_to_keep" in params else {}
     for i in range(0, n, batch_size):
         chunk = order[i:i + batch_size]
         width = max(len(pids[j]) for j in chunk)
@@ -244,7 +247,8 @@ def fluencies(model, tok, prompts: list[str], sets: list[list[list[int]]], batch
         cache = None
         if width > 1:  # every prompt token but the last, once for all sets
             pos = (head_mask[:, :-1].cumsum(-1) - 1).clamp(min=0)
-            out = model(input_ids=head[:, :-1], attention_mask=head_mask[:, :-1], position_ids=pos, use_cache=True)
+            out = model(input_ids=head[:, :-1], attention_mask=head_mask[:, :-1], position_ids=pos, use_cache=True,
+                        **keep)
             cache = out["cache"] if cache_arg == "cache" else out["past_key_values"]
         for k, conts in enumerate(sets):
             rows = [[int(head[r, -1])] + list(conts[j]) for r, j in enumerate(chunk)]

@@ -293,15 +293,18 @@ def train_maps(forward, *, n_source: int, targets: Targets, slices: dict, recipe
                             f"source activations (source=)")
     n_target = len(targets.rows_of)
     v = targets.v.to(device)
-    vt_sorted = sorted_rows(v)  # [Σd, rows]: transposed and sorted once
     weights = column_weights(v, recipe.normalize)
     width = v.shape[1]
     t_weights = transport_weights(weights, slices, recipe.transport_last, device)
+    # the transport term sorts only the columns it counts (the others weigh exactly 0: same gradient)
+    t_cols = transport_columns(t_weights, width)
+    t_weights = None if t_weights is None else t_weights[t_cols]
+    vt_goal = sorted_rows(v[:, t_cols])  # [counted columns, rows]: transposed and sorted once
     ends = None
     if recipe.partial > 0:  # both ends of the interpolation at common quantile levels, sorted
-        s_sorted = sorted_rows(source.to(device).float())
-        k = max(s_sorted.shape[1], vt_sorted.shape[1])
-        ends = (quantile_levels(s_sorted, k), quantile_levels(vt_sorted, k))
+        s_sorted = sorted_rows(source.to(device).float()[:, t_cols])
+        k = max(s_sorted.shape[1], vt_goal.shape[1])
+        ends = (quantile_levels(s_sorted, k), quantile_levels(vt_goal, k))
     gen = torch.Generator().manual_seed(recipe.seed)
     unit = shift_unit(v, shift_ref)
     omega = torch.ones(width, device=device, requires_grad=True)
@@ -338,7 +341,7 @@ def train_maps(forward, *, n_source: int, targets: Targets, slices: dict, recipe
                 lam = float(torch.rand((), generator=gen))
             if lam == 1.0:
                 bound = (omega, unit * shift)  # × 1.0 is exact: on SmolLM2 the fit is unchanged
-                goal = vt_sorted
+                goal = vt_goal
             else:  # the maps at strength λ, against the interpolated target (sorted: a mix of sorted rows)
                 bound = (1 + lam * (omega - 1), (lam * unit) * shift)
                 goal = (1 - lam) * ends[0] + lam * ends[1]
@@ -354,7 +357,7 @@ def train_maps(forward, *, n_source: int, targets: Targets, slices: dict, recipe
                                     f"(lower lr={recipe.lr} or check the model)")
             t_fwd = time.perf_counter()
             is_src = owner < n_source
-            transport = wasserstein_loss_to(z[is_src], goal, t_weights)
+            transport = wasserstein_loss_to(z[is_src][:, t_cols], goal, t_weights)
             loss = transport
             if tgt:
                 if recipe.preserve_loss == "local":  # needs no unsteered reference: the rows carry their input
@@ -411,7 +414,7 @@ def train_maps(forward, *, n_source: int, targets: Targets, slices: dict, recipe
             with torch.no_grad():
                 for k in range(0, min(n_source, REFERENCE_BATCHES * recipe.batch_size), recipe.batch_size):
                     z, _ = forward(list(range(k, min(k + recipe.batch_size, n_source))))
-                    losses.append(float(wasserstein_loss_to(z.float(), vt_sorted, t_weights)))
+                    losses.append(float(wasserstein_loss_to(z.float()[:, t_cols], vt_goal, t_weights)))
             reference.append(sum(losses) / len(losses))
         return reference[0]
 
@@ -491,6 +494,21 @@ def transport_weights(weights: torch.Tensor | None, slices: dict, share: float, 
     for sl in spans[len(spans) - keep:]:
         mask[sl] = len(spans) / keep
     return mask if weights is None else weights * mask
+
+
+def transport_columns(t_weights: torch.Tensor | None, width: int) -> slice | torch.Tensor:
+    """The columns the transport term counts (weight ≠ 0): a slice where they form one block (the last sites'
+    columns, as :func:`transport_weights` leaves them), else their indices; every column without weights.
+
+    A column of weight 0 adds exactly 0 to the loss and to every gradient, so the loop sorts and compares only
+    these: at ``transport_last = 1/3`` a third of the columns, the transport term ~3× cheaper, the maps the same."""
+    if t_weights is None:
+        return slice(0, width)
+    idx = torch.nonzero(t_weights, as_tuple=True)[0]
+    if len(idx) == 0:
+        return idx
+    first, last = int(idx[0]), int(idx[-1])
+    return slice(first, last + 1) if last - first + 1 == len(idx) else idx
 
 
 def local_move(z: torch.Tensor, omega: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
