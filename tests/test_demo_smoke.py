@@ -35,6 +35,9 @@ def test_demo_quick(tmp_path, capsys):
     assert "| unsteered |" in (tmp_path / "table.md").read_text()
     res = json.loads((tmp_path / "results.json").read_text())
     assert len(res["fit"]["train"]["loss"]) == 3 and res["eval"]["prompts"] == 8
+    # the table's fluency on the curve prompts (here all 8), recorded on every row
+    assert res["eval"]["fluency_prompts"] == res["eval"]["curve_prompts"] == 8
+    assert all(r["fluency_prompts"] == 8 for r in res["rows"])
     split = sum(res["phases"][k]["seconds"] for k in ("perplexity", "generate", "fluency"))
     assert 0 < split <= res["timings"]["evaluate"]  # where the evaluation's time went, kept once
     assert not any(k.startswith("evaluate_") for k in res["timings"])

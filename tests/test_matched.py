@@ -121,6 +121,42 @@ def test_side_by_side_on_a_tiny_model(tok, monkeypatch):
     assert res["curves"]["lead"][-1]["texts"] == res["lead"]["texts"][:2]
     assert res["curve_unsteered"]["texts"] == res["unsteered"]["texts"][:2]
     assert all(p["fluency"] is None for c in res["curves"].values() for p in c)
+    assert all(r["fluency_prompts"] == 4 for r in (res["unsteered"], res["lead"], res["matched"]["base"]))
+
+
+def test_the_table_fluency_on_the_first_prompts(tok, monkeypatch):
+    """``fluency_prompts=2``: every table row's fluency (the unsteered one too) is that of its first 2
+    continuations, what a pass of their own measures; nothing is generated again and the other columns keep
+    all 4 prompts."""
+    model = make_model("llama")
+    sites = lf.resolve_sites(model, "norms")
+    steerings = {"lead": random_steering(model, sites, seed=1, spread=0.5),
+                 "base": random_steering(model, sites, seed=2, spread=0.5)}
+    calls = {"gen": 0}
+    real_gen = matched.continuations
+
+    def gen(*a, **k):
+        calls["gen"] += 1
+        return real_gen(*a, **k)
+
+    monkeypatch.setattr(matched, "continuations", gen)
+    prompts = ["you are a bad", "i hate this", "what a stupid", "go away now"]
+    kw = dict(lead="lead", strengths=(0.5, 1.0), prompts=prompts, passages=["a history of the city"],
+              steer=lambda m, s, lam: lf.steered(m, s, strength=lam, mode="hooks"), curve_prompts=2,
+              max_new_tokens=4, search_iters=1)
+    res = side_by_side(model, tok, steerings, fluency_prompts=2, **kw)
+    assert calls["gen"] == 2 + 3 + 1  # as without fluency_prompts: the first 2 come from the runs on all 4
+    base_ids = [list(map(int, t)) for t in _ids(model, tok, prompts[:2])]
+    assert res["unsteered"]["fluency"] == pytest.approx(lf.evaluate.fluency(model, tok, prompts[:2], base_ids),
+                                                        rel=1e-4)
+    for row in (res["lead"], res["matched"]["base"]):
+        ids = _ids_steered(model, tok, prompts, steerings[row["label"]], row["strength"])[:2]
+        assert row["fluency"] == pytest.approx(lf.evaluate.fluency(model, tok, prompts[:2], ids), rel=1e-5)
+    for row in (res["unsteered"], res["lead"], res["matched"]["base"]):
+        assert row["fluency_prompts"] == 2 and row["prompts"] == 4 and len(row["toxic"]) == 4
+    assert res["phases"]["fluency"]["count"] == 2
+    with pytest.raises(ValueError, match="at least 1"):
+        side_by_side(model, tok, steerings, fluency_prompts=0, **kw)
 
 
 def test_a_baseline_curve_gets_its_matched_strength_as_a_free_point(tok, monkeypatch):

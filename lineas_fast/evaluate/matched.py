@@ -17,7 +17,9 @@ once and shared by the curve, the search and the table. The curves may score few
 curve point whose ``(steering, λ)`` was already generated for all prompts reuses its first N continuations,
 and curve points skip the fluency score (the plot does not show it). So each baseline's curve also gets its
 matched strength as a point, free: its continuations and PPL are measured for the table anyway. The table
-rows' fluencies are measured last, together, so that their prompts run once (:func:`.metrics.fluencies`).
+rows' fluencies are measured last, together, so that their prompts run once (:func:`.metrics.fluencies`), on
+the first ``fluency_prompts`` prompts where asked (the demo scores them on its curve prompts: a third of the
+cost, for a column its comparison does not rest on).
 """
 
 from __future__ import annotations
@@ -133,7 +135,8 @@ class _Meter:
         longer = min((k for k in self.gens if k[:2] == key[:2] and k[2] > n), default=None, key=lambda k: k[2])
         if key not in self.gens and longer is not None:  # the first n prompts of a longer run: no new generation
             g = self.gens[longer]
-            self.gens[key] = {"texts": g["texts"][:n], "ids": g["ids"][:n], "probs": g["probs"][:n]}
+            self.gens[key] = {"texts": g["texts"][:n], "ids": g["ids"][:n], "probs": g["probs"][:n],
+                              **({"nll": g["nll"][:n]} if "nll" in g else {})}
         if key not in self.gens:
             prompts = self.prompts[:n]
             unsteered = key[0] is None  # its greedy logits are the fluency model's: keep their NLLs
@@ -143,7 +146,8 @@ class _Meter:
                                                      max_new_tokens=self.max_new_tokens, progress=self.progress,
                                                      with_nll=unsteered)
                 self.gens[key] = {"texts": texts, "ids": ids, "probs": toxicity(texts)}
-            if unsteered:
+            if unsteered:  # its per-token NLLs give the fluency of any first prompts at no cost
+                self.gens[key]["nll"] = nll[0]
                 self.gens[key]["fluency"] = fluency_of(nll[0])
         return self.gens[key]
 
@@ -166,28 +170,35 @@ class _Meter:
                  f"degenerate {row['degenerate_rate']:.3f}")
         return row
 
-    def add_fluency(self, rows: list[tuple]) -> None:
+    def add_fluency(self, rows: list[tuple], first: int | None = None) -> None:
         """Fill in the fluency of ``(label, λ, row)`` table rows — the PPL of their continuations under the
-        unsteered model — in one pass over their (shared) prompts for all of them (:func:`fluencies`)."""
+        unsteered model — on their first ``first`` prompts (default: all they score), in one pass over those
+        prompts for all of them (:func:`fluencies`); the unsteered run's comes from its own greedy NLLs. Each row
+        records ``fluency_prompts``."""
         n = {row["prompts"] for _, _, row in rows}
         if len(n) != 1:
             raise ValueError(f"table rows score the same prompts; got {sorted(n)} of them")
         n = n.pop()
-        gens = [self.texts(label, lam, n) for label, lam, _ in rows]
+        m = n if first is None else min(int(first), n)
+        gens = [self.texts(label, lam, m) for label, lam, _ in rows]
         todo = list({id(g): g for g in gens if "fluency" not in g}.values())
+        for g in todo:
+            if "nll" in g:  # the unsteered run's first prompts: from its greedy NLLs
+                g["fluency"] = fluency_of(g["nll"])
+        todo = [g for g in todo if "fluency" not in g]
         if todo:  # outside any steering
             with self._timed("fluency", len(todo)):
-                values = fluencies(self.model, self.tok, self.prompts[:n], [g["ids"] for g in todo])
+                values = fluencies(self.model, self.tok, self.prompts[:m], [g["ids"] for g in todo])
             for g, value in zip(todo, values):
                 g["fluency"] = value
         for g, (_, _, row) in zip(gens, rows):
-            row["fluency"] = g["fluency"]
+            row["fluency"], row["fluency_prompts"] = g["fluency"], m
 
 
 def side_by_side(model, tok, steerings: dict, *, lead: str, strengths=(0.25, 0.5, 0.75, 1.0),
                  lead_strength: float = 1.0, prompts, passages, steer: Callable, curve_prompts: int | None = None,
-                 max_new_tokens: int = 20, search_iters: int = 3, progress: bool = False,
-                 log: Callable = lambda msg: None) -> dict:
+                 max_new_tokens: int = 20, search_iters: int = 3, fluency_prompts: int | None = None,
+                 progress: bool = False, log: Callable = lambda msg: None) -> dict:
     """Evaluate ``steerings`` ({label: Steering}) over ``strengths`` and at matched PPL.
 
     Args:
@@ -195,6 +206,8 @@ def side_by_side(model, tok, steerings: dict, *, lead: str, strengths=(0.25, 0.5
         steer: ``steer(model, steering, strength)`` → a context manager that steers the model (e.g.
             :func:`lineas_fast.steered`); an argument so that evaluation does not import the patching layer.
         curve_prompts: score the curves on the first N prompts (default: all); table rows use all.
+        fluency_prompts: the table rows' fluency (the unsteered, lead and matched rows alike) on the first N
+            prompts (default: all); every other column of the table uses all.
     Returns:
         ``{"unsteered": row, "lead": row, "matched": {label: row}, "curves": {label: [row, ...]},
         "curve_unsteered": row, "searches": {label: [(λ, ppl), ...]}, "seconds": float, "phases": {"perplexity" |
@@ -203,6 +216,8 @@ def side_by_side(model, tok, steerings: dict, *, lead: str, strengths=(0.25, 0.5
         protocol summaries (``name``, ``toxic_rate``, ``cut``, ``toxic_diff_ci``, ``ppl``, ...) with per-prompt
         ``toxic``/``probs``/``texts``.
     """
+    if fluency_prompts is not None and int(fluency_prompts) < 1:  # before any measurement
+        raise ValueError(f"fluency_prompts={fluency_prompts}: must be at least 1")
     t0 = time.perf_counter()
     n_all = len(prompts)
     n_curve = min(int(curve_prompts or n_all), n_all)
@@ -228,7 +243,8 @@ def side_by_side(model, tok, steerings: dict, *, lead: str, strengths=(0.25, 0.5
             curves[label] = sorted(curves[label] + [meter.point(label, lam, n_curve, curve_base)],
                                    key=lambda p: p["strength"])
     # the table rows' fluency, last: one pass over the prompts for all of them
-    meter.add_fluency([(lead, lead_strength, lead_pt)] + [(label, pt["strength"], pt) for label, pt in matched.items()])
+    meter.add_fluency([(None, 0.0, base), (lead, lead_strength, lead_pt)]
+                      + [(label, pt["strength"], pt) for label, pt in matched.items()], fluency_prompts)
     return {"unsteered": base, "curve_unsteered": curve_base, "curves": curves, "matched": matched, "lead": lead_pt,
             "searches": searches, "seconds": time.perf_counter() - t0,
             "phases": meter.phases}
