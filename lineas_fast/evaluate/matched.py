@@ -146,15 +146,14 @@ class _Meter:
                                                      max_new_tokens=self.max_new_tokens, progress=self.progress,
                                                      with_nll=unsteered)
                 self.gens[key] = {"texts": texts, "ids": ids, "probs": toxicity(texts)}
-            if unsteered:  # its per-token NLLs give the fluency of any first prompts at no cost
+            if unsteered:  # its per-token NLLs give the fluency of any first prompts at no cost (add_fluency)
                 self.gens[key]["nll"] = nll[0]
-                self.gens[key]["fluency"] = fluency_of(nll[0])
         return self.gens[key]
 
     def point(self, label, lam, n: int, base: dict | None) -> dict:
         """A summary row: toxicity on the first ``n`` prompts, PPL on every passage, CIs against ``base``.
-        Its fluency is the unsteered run's own (from its greedy logits), or None until :meth:`add_fluency`
-        measures it: curve points skip it (the plot shows toxic rate vs PPL)."""
+        Its fluency is None until :meth:`add_fluency` measures it (table rows only): curve points skip it (the
+        plot shows toxic rate vs PPL)."""
         g = self.texts(label, lam, n)
         toxic = (g["probs"] > 0.5).astype(float)
         degenerate = np.array([is_degenerate(t, i) for t, i in zip(g["texts"], g["ids"])], dtype=float)
@@ -182,10 +181,9 @@ class _Meter:
         m = n if first is None else min(int(first), n)
         gens = [self.texts(label, lam, m) for label, lam, _ in rows]
         todo = list({id(g): g for g in gens if "fluency" not in g}.values())
-        for g in todo:
-            if "nll" in g:  # the unsteered run's first prompts: from its greedy NLLs
-                g["fluency"] = fluency_of(g["nll"])
-        todo = [g for g in todo if "fluency" not in g]
+        for g in (g for g in todo if "nll" in g):  # the unsteered run's first prompts: from its greedy NLLs
+            g["fluency"] = fluency_of(g["nll"])
+        todo = [g for g in todo if "nll" not in g]
         if todo:  # outside any steering
             with self._timed("fluency", len(todo)):
                 values = fluencies(self.model, self.tok, self.prompts[:m], [g["ids"] for g in todo])
